@@ -1,0 +1,470 @@
+"""
+The unified multimodal model (UMM): a thin adapter over transformers' JanusForConditionalGeneration.
+
+Janus anatomy, as the rest of UniGame sees it through the verbs below:
+  understanding  pixels -> SigLIP vision_model -> aligner -> image embeds spliced into the prompt
+                 -> LLaMA language_model -> lm_head -> answer tokens
+  generation     prompt -> language_model -> generation_head -> VQ codes; each code re-enters the LM
+                 through generation_embeddings -> generation_aligner
+  vqmodel        VQ encoder -> codebook-space tokens z -> nearest codebook entry -> VQ decoder
+
+train.py and eval.py call only the methods of UMM and the LoRA functions; nothing else reaches into
+Janus. The same code serves a real Janus-Pro-1B / 7B directory in Hugging Face format and our tiny
+checkpoint for the built-in world (assets/shapes-base), whose tokenizer carries Janus-Pro's special
+tokens so that prompts are laid out identically.
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import (AutoTokenizer, DynamicCache, JanusConfig, JanusForConditionalGeneration,
+                          JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast)
+
+# Janus-Pro's special tokens, spelled exactly as in its tokenizer.
+PAD, BOS, EOS = "<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE, BOI, EOI, USER, ASSISTANT]
+
+# The system prompt transformers' JanusProcessor prepends to understanding prompts when its
+# processor_config.json says use_default_system_prompt (as the converted Janus-Pro checkpoints do).
+JANUS_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language.\n\n")
+
+
+# -----------------------------------------------------------------------------------------------
+# Tokenizer and tiny configuration for the built-in world
+
+def build_tokenizer(corpus, vocab_size=512):
+    """A byte-level BPE tokenizer trained on `corpus` (an iterable of strings) with Janus-Pro's
+    special tokens; byte-level so any text encodes without unknown tokens and decodes exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    # like Janus-Pro's LLaMA tokenizer: BOS is prepended to every encoded text
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI})
+
+
+def tiny_config(tokenizer, image_size=32, patch_size=4, lm_width=256, lm_layers=4, lm_heads=4,
+                vision_width=128, vision_layers=2, codebook_size=512, codebook_dim=8):
+    """A few-million-parameter Janus with Janus-Pro's layout. The SigLIP patch grid equals the VQ
+    latent grid (image_size / patch_size squared tokens), as in Janus-Pro (24 x 24 = 576), so that
+    understanding and generation agree on the number of image tokens."""
+    grid = image_size // patch_size
+    n_down = int(math.log2(patch_size))  # the VQ encoder halves the resolution once per level but the last
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=lm_width, intermediate_size=2 * lm_width,
+                       num_hidden_layers=lm_layers, num_attention_heads=lm_heads, num_key_value_heads=lm_heads,
+                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = JanusVisionConfig(hidden_size=vision_width, num_hidden_layers=vision_layers, num_attention_heads=4,
+                               image_size=image_size, patch_size=patch_size, projection_dim=lm_width, depth=2,
+                               num_image_tokens=grid * grid)
+    vq = JanusVQVAEConfig(embed_dim=codebook_dim, num_embeddings=codebook_size, latent_channels=64, base_channels=32,
+                          channel_multiplier=[1] + [2] * n_down, num_res_blocks=1, projection_dim=lm_width,
+                          image_token_embed_dim=lm_width, num_hidden_layers=2)
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                       image_token_id=tokenizer.convert_tokens_to_ids(IMAGE))
+
+
+# -----------------------------------------------------------------------------------------------
+# LoRA: a small built-in one on the LM projections (no peft)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x), with B = 0 at start so the wrapped layer is unchanged."""
+
+    def __init__(self, base, r=16, alpha=32, dropout=0.05):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def merged_weight(self):
+        return self.base.weight + (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scale
+
+
+def add_lora(module, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
+    """Wrap every nn.Linear named in `targets` under `module` with LoRA; return the LoRA parameters."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+    return [p for m in module.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+
+
+def merge_lora(module):
+    """Fold every LoRA into its base weight, in place, leaving plain nn.Linear layers."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight.copy_(child.merged_weight())
+                setattr(parent, name, child.base)
+
+
+def merged_state_dict(module):
+    """The state dict `module` would have after merge_lora, without changing the module."""
+    sd = module.state_dict()
+    for path, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            for k in ("base.weight", "base.bias", "lora_A", "lora_B"):
+                sd.pop(f"{path}.{k}", None)
+            sd[f"{path}.weight"] = m.merged_weight().detach()
+            if m.base.bias is not None:
+                sd[f"{path}.bias"] = m.base.bias.detach()
+    return sd
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+
+def _left_pad(seqs, pad_id):
+    """Left-pad lists of token ids; return ids, attention mask and position ids (0 at the first real token)."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, n - len(s):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class UMM(nn.Module):
+    """Janus plus its tokenizer and preprocessing, behind the verbs that train.py and eval.py call.
+
+    Pixels everywhere are float tensors (B, 3, S, S) in the model's normalised space
+    ((x / 255 - mean) / std; Janus-Pro uses mean = std = 0.5, so [-1, 1]). Image tokens are
+    sequences (B, N, ...) in row-major order over the h x w latent grid, N = h * w.
+    """
+
+    def __init__(self, janus, tokenizer, image_mean=0.5, image_std=0.5, system_prompt="", min_size=14):
+        super().__init__()
+        self.janus, self.tokenizer = janus, tokenizer
+        self.image_mean, self.image_std, self.min_size = image_mean, image_std, min_size
+        self.system_prompt = system_prompt
+        cfg = janus.config
+        self.image_size = cfg.vision_config.image_size
+        self.num_image_tokens = cfg.vision_config.num_image_tokens
+        self.grid = cfg.vq_config.num_patches  # VQ latent grid side
+        if self.grid * self.grid != self.num_image_tokens:
+            raise ValueError(f"vision_config.num_image_tokens={self.num_image_tokens} but the VQ latent grid is "
+                             f"{self.grid}x{self.grid}: understanding and generation must agree on the token count")
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(f"tokenizer lacks Janus-Pro special tokens {missing}")
+        if ids[IMAGE] != cfg.image_token_id:
+            raise ValueError(f"tokenizer's {IMAGE} is id {ids[IMAGE]} but config.image_token_id is {cfg.image_token_id}")
+        self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
+        self.image_id, self.boi_id = ids[IMAGE], ids[BOI]
+
+    # ---- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        """Load a local Hugging Face directory (Janus-Pro-1B / 7B converted to HF format, or ours).
+        Preprocessing and the system prompt follow the directory's processor files when present."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+        janus = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        kw = {}
+        pre = _read_json(os.path.join(path, "preprocessor_config.json"))
+        if pre:
+            kw.update(image_mean=float(pre.get("image_mean", [0.5])[0]), image_std=float(pre.get("image_std", [0.5])[0]),
+                      min_size=int(pre.get("min_size", 14)))
+        proc = _read_json(os.path.join(path, "processor_config.json"))
+        if proc.get("use_default_system_prompt"):
+            kw["system_prompt"] = JANUS_SYSTEM_PROMPT
+        return cls(janus, tokenizer, **kw)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, **kw):
+        return cls(JanusForConditionalGeneration(config), tokenizer, **kw)
+
+    def save_pretrained(self, path, dtype=None):
+        """Write a Hugging Face directory (config.json, model.safetensors, tokenizer files) with any
+        LoRA merged into the weights, loadable by JanusForConditionalGeneration.from_pretrained alone."""
+        sd = merged_state_dict(self.janus)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        self.janus.save_pretrained(path, state_dict=sd)
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "JanusImageProcessor", "image_mean": [self.image_mean] * 3,
+                       "image_std": [self.image_std] * 3, "min_size": self.min_size,
+                       "size": {"height": self.image_size, "width": self.image_size}}, f, indent=2)
+        with open(os.path.join(path, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": "JanusProcessor", "num_image_tokens": self.num_image_tokens,
+                       "use_default_system_prompt": self.system_prompt == JANUS_SYSTEM_PROMPT}, f, indent=2)
+
+    @property
+    def device(self):
+        return self.janus.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.janus.lm_head.weight.dtype
+
+    # ---- pixels ---------------------------------------------------------------------------------
+
+    def preprocess(self, images):
+        """uint8 RGB images (a list of (3, H, W) tensors, or one (B, 3, H, W) tensor) -> normalised
+        pixels (B, 3, S, S), as transformers' Janus image processor does it: resize the longest side to
+        S (bicubic, antialiased), pad to a square with the mean colour, rescale, normalise."""
+        S, out = self.image_size, []
+        for im in images:
+            if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3:
+                raise ValueError(f"preprocess expects uint8 RGB images (3, H, W), got {tuple(im.shape)} {im.dtype}")
+            x = im.to(self.device, torch.float32)
+            h, w = x.shape[-2:]
+            if (h, w) != (S, S):
+                scale = S / max(h, w)
+                nh, nw = max(round(h * scale), self.min_size), max(round(w * scale), self.min_size)
+                # PIL resamples uint8 images in two passes, horizontal then vertical, rounding in between
+                for size in ((h, nw), (nh, nw)):
+                    x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+                    x = x.round().clamp(0, 255)
+                if nh != nw:
+                    m = max(nh, nw)
+                    canvas = torch.full((3, m, m), float(int(self.image_mean * 255)), device=x.device)
+                    top, left = (m - nh) // 2, (m - nw) // 2
+                    canvas[:, top:top + nh, left:left + nw] = x
+                    x = canvas
+            out.append(x)
+        x = torch.stack(out) / 255.0
+        return ((x - self.image_mean) / self.image_std).to(self.dtype)
+
+    def to_uint8(self, pixels):
+        """Normalised pixels (B, 3, S, S) -> uint8 RGB, for the oracle and for saving images."""
+        x = pixels.detach().float() * self.image_std + self.image_mean
+        return (x * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+
+    # ---- understanding --------------------------------------------------------------------------
+
+    def prompt_ids(self, question):
+        """Janus-Pro's understanding prompt, as its chat template and JanusProcessor lay it out."""
+        image = BOI + IMAGE * self.num_image_tokens + EOI
+        text = f"{self.system_prompt}{USER}: {image}\n{question.strip()}\n\n{ASSISTANT}:"
+        return self.tokenizer(text).input_ids
+
+    def answer_ids(self, answer):
+        return self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids + [self.eos_id]
+
+    def image_embeds(self, pixels):
+        """Understanding tokens: SigLIP features through the aligner, (B, N, D_lm)."""
+        vision = self.janus.model.vision_model(pixel_values=pixels.to(self.dtype))
+        return self.janus.model.aligner(vision.last_hidden_state)
+
+    def _splice(self, ids, image_embeds):
+        embeds = self.janus.model.language_model.get_input_embeddings()(ids)
+        where = (ids == self.image_id).unsqueeze(-1)
+        return embeds.masked_scatter(where, image_embeds.to(embeds.dtype))
+
+    def answer_logits(self, image_embeds, questions, answers=None):
+        """Next-token logits over the whole (left-padded) understanding sequence, and its labels
+        (-100 on prompt and padding). For tests and analysis; training uses answer_loss."""
+        seqs = [self.prompt_ids(q) + (self.answer_ids(a) if answers else []) for q, a in
+                zip(questions, answers or [None] * len(questions))]
+        ids, mask, pos = (t.to(self.device) for t in _left_pad(seqs, self.pad_id))
+        out = self.janus.model.language_model(inputs_embeds=self._splice(ids, image_embeds),
+                                              attention_mask=mask, position_ids=pos)
+        labels = torch.full_like(ids, -100)
+        if answers:
+            for i, q in enumerate(questions):
+                n_ans = len(seqs[i]) - len(self.prompt_ids(q))
+                labels[i, -n_ans:] = ids[i, -n_ans:]
+        return self.janus.lm_head(out.last_hidden_state), labels
+
+    def answer_loss(self, image_embeds, questions, answers):
+        """Per-sample teacher-forced cross-entropy of the answer given image and question (B,).
+        The prompt is masked; logits are computed only where an answer token is predicted."""
+        seqs, n_ans = [], []
+        for q, a in zip(questions, answers):
+            p, t = self.prompt_ids(q), self.answer_ids(a)
+            seqs.append(p + t)
+            n_ans.append(len(t))
+        ids, mask, pos = (t.to(self.device) for t in _left_pad(seqs, self.pad_id))
+        hidden = self.janus.model.language_model(inputs_embeds=self._splice(ids, image_embeds),
+                                                 attention_mask=mask, position_ids=pos).last_hidden_state
+        L = ids.shape[1]
+        n_ans_t = torch.tensor(n_ans, device=self.device)
+        col = torch.arange(L, device=self.device)
+        is_target = col[None, :] >= (L - n_ans_t)[:, None]             # answer tokens (left padding: at the end)
+        predictor = torch.roll(is_target, shifts=-1, dims=1)           # the position before each target predicts it
+        predictor[:, -1] = False
+        logits = self.janus.lm_head(hidden[predictor]).float()
+        ce = F.cross_entropy(logits, ids[is_target], reduction="none")
+        row = torch.arange(len(seqs), device=self.device).repeat_interleave(n_ans_t)
+        return torch.zeros(len(seqs), device=self.device).index_add(0, row, ce) / n_ans_t
+
+    @torch.no_grad()
+    def answer(self, image_embeds, questions, max_new_tokens=8):
+        """Greedy answers (list of str), with a KV cache."""
+        ids, mask, pos = (t.to(self.device) for t in _left_pad([self.prompt_ids(q) for q in questions], self.pad_id))
+        lm, cache = self.janus.model.language_model, DynamicCache()
+        embeds = self._splice(ids, image_embeds)
+        out_ids = torch.full((len(questions), max_new_tokens), self.eos_id, device=self.device)
+        done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
+        for t in range(max_new_tokens):
+            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True).last_hidden_state[:, -1]
+            nxt = self.janus.lm_head(h).argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
+            out_ids[:, t] = nxt
+            done |= nxt == self.eos_id
+            if done.all():
+                break
+            embeds = lm.get_input_embeddings()(nxt[:, None])
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos[:, -1:] + 1
+        texts = []
+        for row in out_ids.tolist():
+            row = row[:row.index(self.eos_id)] if self.eos_id in row else row
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    # ---- the VQ model: codebook space, projection, decoding -------------------------------------
+
+    @property
+    def codebook(self):
+        """The codebook as decoding sees it: transformers' get_codebook_entry L2-normalises each
+        entry before the decoder, so codebook space is the unit sphere (K, C)."""
+        return F.normalize(self.janus.model.vqmodel.quantize.embedding.weight, dim=-1)
+
+    def vq_encode(self, pixels):
+        """Pixels -> continuous codebook-space tokens z (B, N, C), before quantisation."""
+        vq = self.janus.model.vqmodel
+        z = vq.quant_conv(vq.encoder(pixels.to(self.dtype)))
+        return z.flatten(2).transpose(1, 2)
+
+    def project_to_codebook(self, z):
+        """Snap tokens (B, N, C) to their nearest codebook entries, the way decoding reads them:
+        both sides L2-normalised, so nearest in Euclidean distance = highest cosine. Returns the
+        projected tokens, exactly codebook entries in value, with a straight-through gradient to z
+        (through the normalisation), and the codes (B, N).
+
+        transformers' VQ quantizer forward picks codes by plain Euclidean distance to the
+        *unnormalised* codebook, which disagrees with get_codebook_entry; UniGame uses this
+        projection everywhere (encoding, the game, VQ training) so codes and decoding agree."""
+        zn = F.normalize(z, dim=-1)
+        codebook = self.codebook
+        codes = (zn.detach() @ codebook.t().to(zn.dtype)).argmax(-1)
+        zq = codebook[codes].to(zn.dtype)
+        return zn + (zq - zn).detach(), codes
+
+    def vq_decode(self, zq):
+        """Codebook-space tokens (B, N, C) -> pixels (B, 3, S, S); differentiable."""
+        vq = self.janus.model.vqmodel
+        B, N, C = zq.shape
+        h = zq.transpose(1, 2).reshape(B, C, self.grid, self.grid)
+        return vq.decoder(vq.post_quant_conv(h.to(self.dtype)))
+
+    def decode_codes(self, codes):
+        return self.vq_decode(self.codebook[codes])
+
+    def image_codes(self, pixels):
+        """VQ codes (B, N) of images: the generation targets."""
+        return self.project_to_codebook(self.vq_encode(pixels))[1]
+
+    def vq_losses(self, pixels, beta=0.25):
+        """For training the VQ model from scratch: reconstruction MSE through the straight-through
+        projection, and the codebook + commitment loss on the unit sphere. Returns (rec, codebook, codes)."""
+        zn = F.normalize(self.vq_encode(pixels), dim=-1)
+        zq_st, codes = self.project_to_codebook(zn)
+        e = self.codebook[codes]
+        codebook_loss = F.mse_loss(e, zn.detach()) + beta * F.mse_loss(zn, e.detach())
+        rec = self.vq_decode(zq_st)
+        return F.mse_loss(rec.float(), pixels.float()), codebook_loss, codes
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def generation_prompt_ids(self, caption):
+        """Janus-Pro's text-to-image prompt: the chat turn, then the begin-of-image token."""
+        return self.tokenizer(f"{USER}: {caption.strip()}\n\n{ASSISTANT}:{BOI}").input_ids
+
+    def code_embeds(self, codes):
+        """VQ codes -> LM-space input embeddings (generation_embeddings -> generation_aligner)."""
+        return self.janus.prepare_embeddings_for_image_generation(codes)
+
+    def image_loss(self, captions, codes):
+        """Per-sample text-to-image cross-entropy over the image codes (B,), teacher forced."""
+        ids, mask, pos = (t.to(self.device) for t in _left_pad([self.generation_prompt_ids(c) for c in captions], self.pad_id))
+        L, N = ids.shape[1], codes.shape[1]
+        embeds = torch.cat([self.janus.model.language_model.get_input_embeddings()(ids),
+                            self.code_embeds(codes[:, :-1])], 1)
+        mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], 1)
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, N, device=self.device)], 1)
+        hidden = self.janus.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                                 position_ids=pos).last_hidden_state[:, L - 1:]
+        logits = self.janus.model.generation_head(hidden).float()
+        return F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").mean(1)
+
+    @torch.no_grad()
+    def generate_images(self, captions, cfg_scale=5.0, temperature=1.0, generator=None, token_hook=None):
+        """Autoregressive image codes (B, N) with classifier-free guidance and a KV cache.
+
+        The unconditional half of the batch is the same prompt with every token but BOS and BOI
+        replaced by padding (as Janus-Pro and transformers do). temperature=0 is greedy.
+        token_hook, if given, maps each generated token's codebook-space vector (B, C) to a new
+        vector before it is fed back; the result is snapped to the nearest code (the generation
+        stays on the decoder's manifold) and that code is kept. This is where a perturber plugs in."""
+        B = len(captions)
+        ids, mask, pos = (t.to(self.device) for t in _left_pad([self.generation_prompt_ids(c) for c in captions], self.pad_id))
+        guided = cfg_scale is not None and cfg_scale != 1.0
+        if guided:
+            uncond = ids.clone()
+            uncond[(uncond != self.bos_id) & (uncond != self.boi_id)] = self.pad_id
+            ids, mask, pos = torch.cat([ids, uncond]), torch.cat([mask, mask]), torch.cat([pos, pos])
+        lm, cache = self.janus.model.language_model, DynamicCache()
+        embeds = lm.get_input_embeddings()(ids)
+        codes = torch.zeros(B, self.num_image_tokens, dtype=torch.long, device=self.device)
+        for i in range(self.num_image_tokens):
+            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True).last_hidden_state[:, -1]
+            logits = self.janus.model.generation_head(h).float()
+            if guided:
+                cond, unc = logits[:B], logits[B:]
+                logits = unc + cfg_scale * (cond - unc)
+            if temperature and temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            if token_hook is not None:
+                nxt = self.project_to_codebook(token_hook(self.codebook[nxt])[:, None])[1][:, 0]
+            codes[:, i] = nxt
+            nxt2 = torch.cat([nxt, nxt]) if guided else nxt
+            embeds = self.code_embeds(nxt2[:, None])
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos[:, -1:] + 1
+        return codes
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
