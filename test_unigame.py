@@ -1,31 +1,446 @@
-"""UniGame's tests: a specification that runs on CPU in well under a minute. `python -m pytest -q test_unigame.py`"""
+"""UniGame's tests: a specification, CPU only. Run with `python -m pytest -q test_unigame.py`."""
 
+import functools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DistributedSampler
 
 import data
+from buffer import HardBuffer, hardness, select_hard
 from model import UMM, add_lora, build_tokenizer, merge_lora, tiny_config
+from perturber import Perturber, pgd_attack, random_like, regularizer, total_variation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ---- model.py ---------------------------------------------------------------------------------
+# ================================================================================================
+# data.py
+# -----------------------------------------------------------------------------
+# the shapes world
+
+
+def reference_answer(question, attrs):
+    """An independent reading of the templates; asserts the question names exactly one object."""
+    objs = attrs["objects"]
+
+    def only(pred):
+        hits = [o for o in objs if pred(o)]
+        assert len(hits) == 1, f"{question!r} names {len(hits)} objects in {objs}"
+        return hits[0]
+
+    if m := re.fullmatch(r"what color is the (\w+)\?", question):
+        return only(lambda o: o["shape"] == m[1])["color"]
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", question):
+        return only(lambda o: o["color"] == m[1])["shape"]
+    if m := re.fullmatch(r"where is the (\w+)\?", question):
+        return only(lambda o: o["shape"] == m[1])["pos"]
+    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
+        return "yes" if any((o["color"], o["shape"]) == (m[1], m[2]) for o in objs) else "no"
+    if question == "how many shapes are there?":
+        return str(len(objs))
+    raise AssertionError(f"unknown template: {question!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def world(split, n, seed=0):
+    """Shared between tests, which only read the samples."""
+    return data.shapes_world(split, n, seed)
+
+
+def objects(attrs):
+    return sorted((o["color"], o["shape"], o["pos"]) for o in attrs["objects"])
+
+
+def test_world_sample_format():
+    for s in data.shapes_world("train", 20):
+        assert set(s) == {"image", "question", "answers", "caption", "attrs", "source"}
+        assert s["image"].dtype == torch.uint8 and s["image"].shape == (3, 32, 32)
+        assert len(s["answers"]) == 1 and s["answers"][0] == s["answers"][0].lower()
+        assert s["caption"] == data.caption(s["attrs"])
+        assert re.fullmatch(r"shapes/train/\d+", s["source"])
+        assert np.array_equal(s["image"].permute(1, 2, 0).numpy(), data.render(s["attrs"]))
+
+
+def test_world_is_deterministic_by_seed():
+    a, b, c = data.shapes_world("train", 50, seed=0), data.shapes_world("train", 50, seed=0), data.shapes_world("train", 50, seed=1)
+    assert all(torch.equal(x["image"], y["image"]) and x["question"] == y["question"] and x["attrs"] == y["attrs"] for x, y in zip(a, b))
+    assert sum(torch.equal(x["image"], y["image"]) for x, y in zip(a, c)) < 5
+    prefix = data.shapes_world("train", 10, seed=0)  # sample i does not depend on n
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(prefix, a))
+
+
+def test_splits_draw_from_different_streams():
+    train, test = data.shapes_world("train", 200), data.shapes_world("test", 200)
+    assert sum(torch.equal(x["image"], y["image"]) for x, y in zip(train, test)) < 5
+    train1 = data.shapes_world("train", 200, seed=1)  # (seed=1, train) is not (seed=0, test)
+    assert sum(torch.equal(x["image"], y["image"]) for x, y in zip(train1, test)) < 5
+    with pytest.raises(ValueError, match="unknown split"):
+        data.shapes_world("val", 1)
+
+
+def test_held_out_combos_only_in_ood():
+    held = {f"{c} {s}" for c, s in data.HELD_OUT}
+    for s in world("train", 2000) + world("test", 500, seed=3):
+        assert not {(o["color"], o["shape"]) for o in s["attrs"]["objects"]} & set(data.HELD_OUT), s["attrs"]
+        assert not any(h in s["question"] or h in s["caption"] for h in held), s["question"]
+        assert s["attrs"]["background"] == "black" and s["attrs"]["noise"] == 0 and s["attrs"]["shift"] == "none"
+    ood = world("ood", 600)
+    seen_combos, backgrounds = set(), set()
+    for s in ood:
+        a = s["attrs"]
+        combos = {(o["color"], o["shape"]) for o in a["objects"]} & set(data.HELD_OUT)
+        assert bool(combos) == (a["shift"] == "combo"), a  # exactly one shift per ood sample
+        assert (a["background"] != "black") == (a["shift"] == "background"), a
+        assert (a["noise"] > 0) == (a["shift"] == "noise"), a
+        seen_combos |= combos
+        backgrounds.add(a["background"])
+    assert seen_combos == set(data.HELD_OUT) and backgrounds == {"black", "gray", "navy"}
+
+
+def test_questions_are_unambiguous_correct_and_balanced():
+    samples = world("train", 2000) + world("ood", 600)
+    kinds, yes_no = set(), []
+    for s in samples:
+        assert reference_answer(s["question"], s["attrs"]) == s["answers"][0], s
+        kinds.add(s["question"].split()[1])
+        if s["question"].startswith("is there"):
+            yes_no.append(s["answers"][0] == "yes")
+    assert kinds == {"color", "shape", "many", "there", "is"}  # all five templates occur
+    assert 0.4 < np.mean(yes_no) < 0.6, np.mean(yes_no)
+
+
+def test_caption_qa_agrees_with_attrs():
+    answers = set()
+    for s in world("test", 500) + world("ood", 600):
+        qa = data.caption_qa(s["attrs"])
+        assert len(qa) >= 4
+        for q, a in qa:
+            assert reference_answer(q, s["attrs"]) == a, (q, a, s["attrs"])
+            answers.add(a)
+        for o in s["attrs"]["objects"]:
+            assert f"{o['color']} {o['shape']} {data.PHRASES[o['pos']]}" in s["caption"]
+    assert {"yes", "no", "1", "2"} <= answers
+
+
+def test_shapes_are_never_clipped_nor_touching():
+    for s in world("train", 2000)[:1000]:
+        masks = []
+        for o in s["attrs"]["objects"]:
+            assert 9 <= o["size"] <= 13
+            assert 0 <= o["cx"] - o["size"] / 2 and o["cx"] + o["size"] / 2 <= 32
+            assert 0 <= o["cy"] - o["size"] / 2 and o["cy"] + o["size"] / 2 <= 32
+            masks.append(data.shape_mask(o["shape"], o["cx"], o["cy"], o["size"]))
+        if len(masks) == 2:  # grow one by a pixel: still no contact
+            m = masks[0].copy()
+            m[1:] |= masks[0][:-1]; m[:-1] |= masks[0][1:]; m[:, 1:] |= masks[0][:, :-1]; m[:, :-1] |= masks[0][:, 1:]
+            assert not (m & masks[1]).any(), s["attrs"]
+
+
+def test_render_speed():
+    t = time.time()
+    data.shapes_world("train", 2000)
+    dt = time.time() - t
+    print(f"\nshapes_world: 2000 samples in {dt:.2f} s ({5 * dt:.1f} s per 10k)")
+    assert dt < 3.0
+
+
+@pytest.mark.parametrize("split", ["test", "ood"])
+def test_oracle_agrees_with_ground_truth(split):
+    samples = world(split, 500)
+    read = [data.read_attrs(s["image"]) for s in samples]
+    agree = [objects(r) == objects(s["attrs"]) and r["background"] == s["attrs"]["background"] for r, s in zip(read, samples)]
+    print(f"\noracle agreement on {split}: {np.mean(agree):.4f} of {len(agree)}")
+    assert np.mean(agree) >= 0.99
+
+
+def test_oracle_tolerates_reconstruction_error_and_ignores_off_palette_blobs():
+    # a 3x3 binomial blur, roughly what a VQ decoder does to sharp edges
+    k, agree = np.array([1, 2, 1]) / 4, []
+    for s in world("test", 500)[:150] + world("ood", 600)[:150]:
+        a = np.pad(s["image"].permute(1, 2, 0).numpy().astype(float), ((1, 1), (1, 1), (0, 0)), mode="edge")
+        a = k[0] * a[:-2] + k[1] * a[1:-1] + k[2] * a[2:]
+        a = k[0] * a[:, :-2] + k[1] * a[:, 1:-1] + k[2] * a[:, 2:]
+        agree.append(objects(data.read_attrs(a.round().astype(np.uint8))) == objects(s["attrs"]))
+    print(f"\noracle agreement on blurred images: {np.mean(agree):.4f} of {len(agree)}")
+    assert np.mean(agree) >= 0.97
+    s = next(s for s in world("test", 500) if [o["pos"] for o in s["attrs"]["objects"]] == ["left"])
+    image = s["image"].clone()
+    image[:, 24:31, 24:31] = 128  # a gray square is no palette colour: no object
+    assert objects(data.read_attrs(image)) == objects(s["attrs"])
+
+
+def test_oracle_score():
+    s = data.shapes_world("test", 40)
+    two = next(x for x in s if len(x["attrs"]["objects"]) == 2)
+    img, attrs = two["image"], two["attrs"]
+    assert data.oracle_score(img, attrs) == 1.0
+    o = attrs["objects"][0]
+    other_color = next(c for c in data.COLORS if c != o["color"])
+    other_shape = next(sh for sh in data.SHAPES if sh not in (o["shape"], attrs["objects"][1]["shape"]))
+    other_pos = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}[o["pos"]]
+    for change in ({"color": other_color}, {"shape": other_shape}, {"pos": other_pos}):
+        wrong = {**attrs, "objects": [{**o, **change}, attrs["objects"][1]]}
+        assert data.oracle_score(img, wrong) == 0.0, change
+    assert data.oracle_score(img, {**attrs, "objects": attrs["objects"][:1]}) == 0.0  # count matters
+    blank = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    assert data.oracle_score(blank, attrs) == 0.0 and data.read_attrs(blank)["objects"] == []
+    # a caption's objects drawn at their canonical place are read back as they were asked for
+    asked = {"objects": [{"color": "green", "shape": "triangle", "pos": "top"}, {"color": "red", "shape": "circle", "pos": "bottom"}],
+             "background": "black"}
+    assert data.oracle_score(torch.from_numpy(data.render(asked)).permute(2, 0, 1), asked) == 1.0
+    with pytest.raises(TypeError):
+        data.read_attrs(img.float() / 255)
+
+
+# -----------------------------------------------------------------------------
+# real data: files written into tmp_path
+
+
+def write_image(path, color=(200, 30, 30), size=(8, 6)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def write_vqav2(tmp, change=None, subtype="val2014"):
+    """Three questions on three COCO-named images, ten answers each; change(questions, annotations)
+    may spoil record 1."""
+    (tmp / "images").mkdir()
+    for i in (1, 2, 3):
+        write_image(tmp / "images" / f"COCO_val2014_{i:012d}.jpg", (40 * i, 0, 0))
+    questions = [{"image_id": i, "question": f"what is in image {i}?", "question_id": 10 * i} for i in (1, 2, 3)]
+    annotations = [{"question_id": 10 * i, "image_id": i, "multiple_choice_answer": "a0",
+                    "answers": [{"answer": f"a{j}", "answer_id": j + 1} for j in range(10)]} for i in (1, 2, 3)]
+    if change:
+        change(questions, annotations)
+    q = {"questions": questions, **({"data_subtype": subtype} if subtype else {})}
+    (tmp / "q.json").write_text(json.dumps(q))
+    (tmp / "a.json").write_text(json.dumps({"annotations": annotations}))
+    return str(tmp / "q.json"), str(tmp / "a.json"), str(tmp / "images")
+
+
+@pytest.mark.parametrize("subtype", ["val2014", None])
+def test_load_vqav2_keeps_ten_answers(tmp_path, subtype):
+    records = data.load_vqav2(*write_vqav2(tmp_path, subtype=subtype))
+    assert len(records) == 3
+    r = records[1]
+    assert r["answers"] == [f"a{j}" for j in range(10)]
+    assert r["image"] == str(tmp_path / "images" / "COCO_val2014_000000000002.jpg")
+    assert (r["question"], r["caption"], r["attrs"], r["source"]) == ("what is in image 2?", "", None, "q.json:1")
+    image = data.Records(records)[1]["image"]
+    assert image.dtype == torch.uint8 and image.shape == (3, 6, 8)
+
+
+def test_load_jsonl(tmp_path):
+    (tmp_path / "img").mkdir()
+    write_image(tmp_path / "img" / "a.png", (1, 2, 3))
+    absolute = write_image(tmp_path / "b.png", (4, 5, 6))
+    lines = [{"image": "img/a.png", "question": "q1?", "answers": ["x", "y"], "caption": "a cap"},
+             {"image": str(absolute), "question": "q2?", "answers": ["z"]}]
+    (tmp_path / "m.jsonl").write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
+    records = data.load_jsonl(str(tmp_path / "m.jsonl"))
+    assert [r["source"] for r in records] == ["m.jsonl:1", "m.jsonl:3"]
+    assert records[0]["image"] == str(tmp_path / "img" / "a.png") and records[1]["caption"] == ""
+    assert records[0]["answers"] == ["x", "y"] and records[0]["caption"] == "a cap" and records[0]["attrs"] is None
+    assert data.Records(records)[0]["image"][:, 0, 0].tolist() == [1, 2, 3]
+
+
+GOOD = {"image": "ok.png", "question": "what?", "answers": ["this"]}
+BAD_JSONL = {
+    "missing image": (json.dumps({**GOOD, "image": "gone.png"}), "image file not found"),
+    "empty question": (json.dumps({**GOOD, "question": "  "}), "empty question"),
+    "empty answers": (json.dumps({**GOOD, "answers": []}), "non-empty list"),
+    "malformed json": ('{"image": "ok.png", "question": ', "malformed JSON"),
+    "unknown key": (json.dumps({**GOOD, "answer": "this"}), "unknown keys"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JSONL)
+def test_bad_jsonl_line(tmp_path, capsys, case):
+    write_image(tmp_path / "ok.png")
+    line, reason = BAD_JSONL[case]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join([json.dumps(GOOD), line, json.dumps(GOOD)]) + "\n")
+    with pytest.raises(data.BadData, match=reason) as e:
+        data.load_jsonl(str(path))
+    assert f"{path} line 2" in str(e.value)
+    before = len(data.skipped)
+    records = data.load_jsonl(str(path), skip_bad=True)
+    assert len(records) == 2 and [r["source"] for r in records] == ["m.jsonl:1", "m.jsonl:3"]
+    assert data.skipped[before:] == [("m.jsonl:2", data.skipped[-1][1])] and reason in data.skipped[-1][1]
+    out = capsys.readouterr().out
+    assert "skipped 1 bad of 3" in out and "line 2" in out and out.count("\n") == 1
+
+
+BAD_VQAV2 = {
+    "missing image": (lambda q, a: q[1].update(image_id=99), "COCO_val2014_000000000099.jpg"),
+    "empty question": (lambda q, a: q[1].update(question=""), "empty question"),
+    "empty answers": (lambda q, a: a[1].update(answers=[]), "non-empty list"),
+    "no annotation": (lambda q, a: a.pop(1), "no annotation"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VQAV2)
+def test_bad_vqav2_record(tmp_path, capsys, case):
+    change, reason = BAD_VQAV2[case]
+    files = write_vqav2(tmp_path, change)
+    with pytest.raises(data.BadData, match=reason) as e:
+        data.load_vqav2(*files)
+    assert f"{files[0]} record 1" in str(e.value)
+    before = len(data.skipped)
+    records = data.load_vqav2(*files, skip_bad=True)
+    assert [r["source"] for r in records] == ["q.json:0", "q.json:2"]
+    assert len(data.skipped) == before + 1 and data.skipped[-1][0] == "q.json:1"
+    assert "skipped 1 bad of 3" in capsys.readouterr().out
+
+
+def test_malformed_json_file_names_the_file(tmp_path):
+    q, a, images = write_vqav2(tmp_path)
+    (tmp_path / "a.json").write_text('{"annotations": [')
+    with pytest.raises(data.BadData, match=re.escape(a)):
+        data.load_vqav2(q, a, images, skip_bad=True)
+
+
+def spoil(tmp_path):
+    """A file that is no image, and two real images cut in half."""
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all" * 10)
+    rng = np.random.default_rng(0)
+    for ext in ("png", "jpg"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"full.{ext}")
+        b = (tmp_path / f"full.{ext}").read_bytes()
+        (tmp_path / f"cut.{ext}").write_bytes(b[: len(b) // 2])
+    return [str(tmp_path / n) for n in ("garbage.jpg", "cut.png", "cut.jpg")]
+
+
+def test_corrupt_images_raise_or_skip(tmp_path):
+    for path in spoil(tmp_path):
+        with pytest.raises(data.BadData, match=re.escape(path)):
+            data.load_image(path)
+        record = {"image": path, "question": "q?", "answers": ["a"], "caption": "", "attrs": None, "source": "m.jsonl:7"}
+        with pytest.raises(data.BadData, match=re.escape(path)):
+            data.Records([record])[0]
+        marker = data.Records([record], skip_bad=True)[0]
+        batch = data.collate([marker, data.shapes_world("train", 1)[0]])
+        assert len(batch["images"]) == 1 and batch["sources"] == ["shapes/train/0"]
+        assert batch["skipped"] == [("m.jsonl:7", marker["bad"])] and path in marker["bad"]
+
+
+def decode(tmp_path, im, name, **save):
+    im.save(tmp_path / name, **save)
+    return data.load_image(str(tmp_path / name)).permute(1, 2, 0).reshape(-1, 3).tolist()
+
+
+def test_decode_modes_to_rgb(tmp_path):
+    assert decode(tmp_path, Image.new("L", (2, 1), 100), "l.png") == [[100, 100, 100]] * 2
+    assert decode(tmp_path, Image.new("L", (2, 1), 100), "l.jpg") == [[100, 100, 100]] * 2
+    p = Image.new("P", (3, 1))
+    p.putpalette([0, 0, 0, 10, 200, 30, 250, 5, 7])
+    p.putpixel((1, 0), 1), p.putpixel((2, 0), 2)
+    assert decode(tmp_path, p, "p.png") == [[0, 0, 0], [10, 200, 30], [250, 5, 7]]
+    assert decode(tmp_path, p, "pt.png", transparency=0) == [[255, 255, 255], [10, 200, 30], [250, 5, 7]]  # over white
+    rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 255], [0, 0, 255, 128]]], np.uint8)
+    assert decode(tmp_path, Image.fromarray(rgba), "rgba.png") == [[255, 255, 255], [255, 0, 0], [127, 127, 255]]
+    la = np.array([[[0, 0], [0, 255], [100, 255]]], np.uint8)
+    assert decode(tmp_path, Image.fromarray(la, "LA"), "la.png") == [[255, 255, 255], [0, 0, 0], [100, 100, 100]]
+    cmyk = Image.new("CMYK", (3, 1))
+    cmyk.putpixel((0, 0), (0, 255, 255, 0)), cmyk.putpixel((1, 0), (0, 0, 0, 255))
+    assert decode(tmp_path, cmyk, "cmyk.tif") == [[255, 0, 0], [0, 0, 0], [255, 255, 255]]
+    deep = Image.fromarray(np.array([[0, 1000, 32896, 65535]], np.uint16))
+    assert deep.mode == "I;16"
+    assert decode(tmp_path, deep, "deep.png") == [[0, 0, 0], [4, 4, 4], [128, 128, 128], [255, 255, 255]]  # scaled, not clipped
+    rgb = np.array([[[1, 2, 3], [250, 128, 0]]], np.uint8)
+    assert decode(tmp_path, Image.fromarray(rgb), "rgb.png") == [[1, 2, 3], [250, 128, 0]]
+
+
+# -----------------------------------------------------------------------------
+# the loader
+
+
+def test_loader_with_workers_reports_each_skip_once(tmp_path):
+    lines = [{"image": str(write_image(tmp_path / f"{i}.png", (i, i, i))), "question": f"q{i}?", "answers": ["a"]} for i in range(7)]
+    lines.insert(3, {"image": spoil(tmp_path)[1], "question": "q?", "answers": ["a"]})  # parses, fails to decode
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    dataset = data.make_dataset("jsonl", path=str(tmp_path / "m.jsonl"), skip_bad=True)
+    loader = data.make_loader(dataset, batch_size=3, num_workers=2, drop_last=False)
+    batches = list(loader)
+    assert sum(len(b["skipped"]) for b in batches) == 1
+    assert [s for b in batches for s, _ in b["skipped"]] == ["m.jsonl:4"]
+    sources = [s for b in batches for s in b["sources"]]
+    assert len(sources) == 7 and len(set(sources)) == 7
+    assert all(im.dtype == torch.uint8 and im.shape == (3, 6, 8) for b in batches for im in b["images"])
+
+
+def epoch_sources(loader, n_epochs=2):
+    batches = data.infinite_batches(loader)
+    return [[s for _ in range(len(loader)) for s in next(batches)["sources"]] for _ in range(n_epochs)]
+
+
+def test_loader_shuffles_by_seed():
+    dataset = data.make_dataset("shapes", "train", n=24)
+    a = epoch_sources(data.make_loader(dataset, 4, seed=0))
+    b = epoch_sources(data.make_loader(dataset, 4, seed=0))
+    c = epoch_sources(data.make_loader(dataset, 4, seed=1))
+    assert a == b and a[0] != c[0] and a[0] != a[1]  # seeded, and reshuffled every epoch
+    assert sorted(a[0]) == sorted(s["source"] for s in dataset.records)
+    assert epoch_sources(data.make_loader(dataset, 4, shuffle=False), 1)[0] == [f"shapes/train/{i}" for i in range(24)]
+    with pytest.raises(ValueError, match="no batches"):
+        next(data.infinite_batches(data.make_loader(dataset, 32)))
+
+
+def test_distributed_ranks_get_disjoint_shards_reshuffled_per_epoch(monkeypatch):
+    dataset = data.make_dataset("shapes", "train", n=21)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        loader = data.make_loader(dataset, batch_size=2, seed=0)
+        assert isinstance(loader.sampler, DistributedSampler)
+        shards.append(epoch_sources(loader))
+    (r0e0, r0e1), (r1e0, r1e1) = shards
+    assert len(r0e0) == len(r1e0) == 10 and not set(r0e0) & set(r1e0)  # 21 -> 10 each, drop_last
+    assert not set(r0e1) & set(r1e1) and r0e0 != r0e1  # set_epoch reshuffles
+
+
+def test_loader_under_a_real_process_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        loader = data.make_loader(data.make_dataset("shapes", "train", n=8), batch_size=4)
+        assert isinstance(loader.sampler, DistributedSampler)
+        first, second = epoch_sources(loader)
+        assert sorted(first) == sorted(second) and first != second
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_make_dataset_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.make_dataset("coco")
+    with pytest.raises(ValueError, match="no paths"):
+        data.make_dataset("shapes", path="x.jsonl")
+
+
+# ================================================================================================
+# model.py
 
 @pytest.fixture(scope="module")
-def world():
+def train64():
     return data.shapes_world("train", 64, seed=0)
 
 
 @pytest.fixture(scope="module")
-def tok(world):
-    texts = [s["question"] for s in world] + [s["caption"] for s in world] + [s["answers"][0] for s in world]
+def tok(train64):
+    texts = [s["question"] for s in train64] + [s["caption"] for s in train64] + [s["answers"][0] for s in train64]
     return build_tokenizer(texts, 400)
 
 
@@ -39,13 +454,13 @@ def umm(tok):
     return tiny(tok)
 
 
-def batch_of(world, n=4):
-    s = world[:n]
+def batch_of(samples, n=4):
+    s = samples[:n]
     return [r["image"] for r in s], [r["question"] for r in s], [r["answers"][0] for r in s], [r["caption"] for r in s]
 
 
-def test_save_and_reload_gives_identical_outputs(umm, world, tmp_path):
-    images, qs, ans, caps = batch_of(world)
+def test_save_and_reload_gives_identical_outputs(umm, train64, tmp_path):
+    images, qs, ans, caps = batch_of(train64)
     px = umm.preprocess(images)
     umm.save_pretrained(tmp_path / "m")
     again = UMM.from_pretrained(str(tmp_path / "m")).eval()
@@ -59,8 +474,8 @@ def test_save_and_reload_gives_identical_outputs(umm, world, tmp_path):
     JanusForConditionalGeneration.from_pretrained(tmp_path / "m")
 
 
-def test_understanding_logits_equal_janus_forward(umm, world):
-    images, qs, ans, _ = batch_of(world, 1)
+def test_understanding_logits_equal_janus_forward(umm, train64):
+    images, qs, ans, _ = batch_of(train64, 1)
     px = umm.preprocess(images)
     ids = torch.tensor([umm.prompt_ids(qs[0]) + umm.answer_ids(ans[0])])
     assert (ids == umm.image_id).sum() == umm.num_image_tokens
@@ -70,8 +485,8 @@ def test_understanding_logits_equal_janus_forward(umm, world):
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_answer_loss_is_masked_cross_entropy_and_padding_invariant(umm, world):
-    images, qs, ans, _ = batch_of(world)
+def test_answer_loss_is_masked_cross_entropy_and_padding_invariant(umm, train64):
+    images, qs, ans, _ = batch_of(train64)
     qs[1] = "how many shapes are there in this picture, please?"  # a longer prompt: left padding in the batch
     ans[2] = "a much longer answer"
     with torch.no_grad():
@@ -85,8 +500,8 @@ def test_answer_loss_is_masked_cross_entropy_and_padding_invariant(umm, world):
         assert umm.answer(emb, qs) == sum((umm.answer(emb[i:i + 1], qs[i:i + 1]) for i in range(4)), [])
 
 
-def test_projection_lands_on_codebook_and_passes_gradient(umm, world):
-    px = umm.preprocess(batch_of(world)[0])
+def test_projection_lands_on_codebook_and_passes_gradient(umm, train64):
+    px = umm.preprocess(batch_of(train64)[0])
     z = umm.vq_encode(px).detach().requires_grad_()
     zq, codes = umm.project_to_codebook(z)
     torch.testing.assert_close(zq, umm.codebook[codes], rtol=0, atol=1e-6)
@@ -100,9 +515,9 @@ def test_projection_lands_on_codebook_and_passes_gradient(umm, world):
         torch.testing.assert_close(umm.vq_decode(zq), umm.janus.model.vqmodel.decode(codes), rtol=1e-4, atol=1e-4)
 
 
-def test_lora_merge_leaves_outputs_unchanged(tok, world):
+def test_lora_merge_leaves_outputs_unchanged(tok, train64):
     m = tiny(tok, seed=1)
-    images, qs, ans, _ = batch_of(world)
+    images, qs, ans, _ = batch_of(train64)
     px = m.preprocess(images)
     add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.0)
     for p in m.parameters():  # make the LoRA do something
@@ -148,30 +563,308 @@ def test_generation_with_guidance_returns_valid_codes(umm):
                            umm.generate_images(["a red circle"], cfg_scale=5.0, temperature=0.0))
 
 
-# ---- configurator.py / train.py ---------------------------------------------------------------
+# ================================================================================================
+# perturber.py and buffer.py
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def close(a, b, rtol=1e-5, atol=0.0):
+    return torch.allclose(torch.as_tensor(a).double(), torch.as_tensor(b).double(), rtol=rtol, atol=atol)
+
+
+def token_norms(x):
+    return x.double().norm(dim=-1)
+
+
+# ---------------------------------------------------------------- perturber: the budget
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_delta_norm_is_eps_times_token_norm_at_any_scale(scale):
+    torch.manual_seed(0)
+    p = Perturber(dim=32)
+    z = scale * torch.randn(3, 16, 32)
+    z[0, 5] = 0.0  # an all-zero token
+    delta = p(z)
+    assert delta.shape == z.shape and delta.dtype == z.dtype
+    assert torch.isfinite(delta).all()
+    want = p.eps.item() * token_norms(z)
+    assert close(token_norms(delta), want)
+    assert delta[0, 5].abs().max() == 0
+
+
+def test_absolute_budget_gives_delta_of_length_eps_whatever_z():
+    torch.manual_seed(0)
+    p = Perturber(dim=32, relative=False, eps_init=0.015)
+    z = torch.cat([1e-4 * torch.randn(4, 32), 1e4 * torch.randn(4, 32), torch.zeros(1, 32)])
+    n = token_norms(p(z))
+    assert close(n, torch.full_like(n, 0.015))
+
+
+def test_noise_gives_distinct_draws_all_exactly_in_budget():
+    torch.manual_seed(0)
+    p = Perturber(dim=32)
+    z = torch.randn(8, 32)
+    clean = p(z)
+    draws = [p(z, noise_std=0.3, generator=gen(s)) for s in range(3)]
+    for d in draws:
+        assert close(token_norms(d), p.eps.item() * token_norms(z))
+        cos = torch.cosine_similarity(d, clean, dim=-1)
+        assert (cos < 0.9999).all() and (cos > 0.9).all()  # varied, yet still near the learned direction
+    assert not torch.allclose(draws[0], draws[1])
+    assert torch.equal(p(z, noise_std=0.3, generator=gen(0)), draws[0])  # seeded draws repeat
+
+
+def test_eps_starts_at_eps_init_and_stays_bounded_under_large_steps():
+    for sign in (+1, -1):  # push ε up hard, or down hard
+        p = Perturber(dim=16, eps_min=0.001, eps_max=0.02, eps_init=0.01)
+        assert math.isclose(p.eps.item(), 0.01, rel_tol=1e-6)
+        for _ in range(5):  # plain SGD steps of lr 1e4: θ_ε moves by about ±50 at once
+            (grad,) = torch.autograd.grad(sign * p.eps, p.theta_eps)
+            with torch.no_grad():
+                p.theta_eps += 1e4 * grad
+            assert 0.001 <= p.eps.item() <= 0.02
+        assert math.isclose(p.eps.item(), 0.02 if sign > 0 else 0.001, rel_tol=1e-3)
+
+
+def test_eps_init_outside_the_range_is_rejected():
+    with pytest.raises(ValueError):
+        Perturber(dim=8, eps_min=0.0, eps_max=0.02, eps_init=0.02)
+
+
+def test_gradients_reach_every_perturber_parameter():
+    torch.manual_seed(0)
+    p = Perturber(dim=16)
+    z = torch.randn(2, 9, 16)
+    delta = p(z)
+    ((z + delta) ** 3).sum().backward()
+    for name, param in p.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_last_layer_is_orthogonal_and_bias_free():
+    for dim, hidden in [(256, None), (8, None), (16, 16)]:
+        last = Perturber(dim=dim, hidden=hidden).net[-1]
+        assert last.bias is None
+        W = last.weight.double()
+        gram = W.T @ W if W.shape[0] >= W.shape[1] else W @ W.T  # orthonormal columns or rows
+        assert close(gram, torch.eye(gram.shape[0]), rtol=0.0, atol=1e-5)
+
+
+def test_perturber_is_under_one_percent_of_a_tiny_janus():
+    n = sum(t.numel() for t in Perturber(dim=256).parameters())
+    assert n < 0.01 * 4.4e6, n
+
+
+# ---------------------------------------------------------------- regulariser
+
+
+def test_regularizer_terms_are_positive_and_grow_with_delta():
+    torch.manual_seed(0)
+    delta = 0.01 * torch.randn(2, 16, 8)
+    eps = torch.tensor(0.01)
+    only = {"l2": dict(w_l2=1.0, w_tv=0.0, w_eps=0.0), "tv": dict(w_l2=0.0, w_tv=1.0, w_eps=0.0),
+            "eps": dict(w_l2=0.0, w_tv=0.0, w_eps=1.0)}
+    for name in ("l2", "tv"):
+        for grid in (None, (4, 4)):
+            small = regularizer(delta, eps, grid=grid, **only[name])
+            big = regularizer(2 * delta, eps, grid=grid, **only[name])
+            assert 0 < small < big, (name, grid)
+    assert 0 < regularizer(delta, eps, **only["eps"]) < regularizer(delta, 2 * eps, **only["eps"])
+    assert close(regularizer(delta, eps, **only["l2"]), delta.pow(2).sum(-1).mean())
+    assert close(regularizer(delta, eps, **only["eps"]), eps ** 2)
+    total = regularizer(delta, eps)  # default weights: 1e-3 each
+    parts = sum(regularizer(delta, eps, **w) for w in only.values())
+    assert close(total, 1e-3 * parts)
+
+
+def test_tv_is_zero_with_zero_gradient_for_a_constant_field():
+    delta = torch.randn(8).expand(2, 16, 8).clone().requires_grad_(True)
+    for grid in (None, (4, 4)):
+        tv = total_variation(delta, grid)
+        assert tv == 0
+        (g,) = torch.autograd.grad(tv, delta)
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+def test_tv_on_a_grid_uses_horizontal_and_vertical_neighbours():
+    a, b = torch.zeros(3), torch.tensor([3.0, 4.0, 0.0])  # ‖b − a‖ = 5
+    delta = torch.stack([a, a, b, b])  # rows of a 2x2 grid: (a a) over (b b)
+    # grid: horizontal pairs a-a, b-b, vertical pairs a-b, a-b -> 10 / 4
+    assert math.isclose(total_variation(delta, grid=(2, 2)).item(), 2.5)
+    # sequence: pairs a-a, a-b, b-b -> 5 / 3
+    assert math.isclose(total_variation(delta).item(), 5 / 3, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- random baseline and PGD
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_random_like_has_exactly_the_budget(relative):
+    z = 100 * torch.randn(4, 10, 16, generator=gen(1))
+    z[1, 2] = 0
+    delta = random_like(z, 0.02, relative=relative, generator=gen(2))
+    want = 0.02 * token_norms(z) if relative else torch.full(z.shape[:-1], 0.02, dtype=torch.float64)
+    assert close(token_norms(delta), want)
+    assert torch.equal(random_like(z, 0.02, relative=relative, generator=gen(2)), delta)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_pgd_stays_in_budget_and_beats_a_random_delta(relative):
+    torch.manual_seed(0)
+    z = 3 * torch.randn(8, 12, 16)
+    w = torch.randn(16, 5)
+    target = torch.randint(0, 5, (8, 11))
+
+    def loss_fn(x):  # per-sample cross-entropy of a linear read-out; the last token is ignored (zero gradient)
+        logits = (x[:, :-1] @ w).flatten(0, 1)
+        return torch.nn.functional.cross_entropy(logits, target.flatten(), reduction="none").view(8, 11).mean(-1)
+
+    eps = 0.05
+    budget = eps * token_norms(z) if relative else torch.full(z.shape[:-1], eps, dtype=torch.float64)
+    with torch.no_grad():  # the evaluation calls it without grad; it must still attack
+        delta = pgd_attack(loss_fn, z, eps, steps=10, relative=relative, generator=gen(3))
+        overshooting = pgd_attack(loss_fn, z, eps, steps=3, step_size=3 * eps, relative=relative, generator=gen(3))
+    assert not delta.requires_grad and torch.isfinite(delta).all()
+    for d in (delta, overshooting):
+        assert (token_norms(d) <= budget * (1 + 1e-5)).all()
+    rand = random_like(z, eps, relative=relative, generator=gen(4))
+    clean, attacked, randomised = (loss_fn(z + d).sum().item() for d in (torch.zeros_like(z), delta, rand))
+    assert attacked > max(clean, randomised) + 1e-3
+
+
+# ---------------------------------------------------------------- hardness and selection
+
+
+def test_hardness_adds_a_penalty_only_below_tau():
+    ce = torch.tensor([1.0, 1.0, 2.0])
+    s = torch.tensor([0.5, 0.0, -0.3])
+    assert close(hardness(ce, s, lambda_c=2.0, tau=0.2), torch.tensor([1.0, 1.4, 3.0]))
+
+
+def test_select_hard_respects_quantile_topk_and_both_rules():
+    H = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    s = torch.tensor([0.9, 0.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
+    src = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 4, 4])
+    q = torch.quantile(H, 0.5)  # 4.5: candidates 0..4 clear it
+    assert (H[:5] >= q).all() and (H[5:] < q).all()
+    consistent = select_hard(H, s, src, q=0.5, topk=2, tau=0.2, rule="consistent")
+    assert consistent.tolist() == [0, 2, 3, 4]  # 1 is inconsistent; source 0 then gives 0 and 2
+    published = select_hard(H, s, src, q=0.5, topk=2, tau=0.2, rule="published")
+    assert published.tolist() == [0, 1, 3, 4]  # 1 stays; source 0 is capped at its two hardest
+    assert select_hard(H, s, src, q=0.5, topk=1, rule="published").tolist() == [0, 3, 4]
+    assert select_hard(H, s, src, q=0.0, topk=10, rule="published").tolist() == list(range(10))
+    assert consistent.dtype == torch.long
+
+
+def test_select_hard_rejects_an_unknown_rule_by_name():
+    with pytest.raises(ValueError, match="strict"):
+        select_hard(torch.rand(4), torch.rand(4), torch.arange(4), rule="strict")
+
+
+# ---------------------------------------------------------------- the buffer
+
+
+def test_buffer_keeps_the_hardest_items_sorted_at_capacity():
+    buf = HardBuffer(capacity=5)
+    H = torch.randperm(12, generator=gen(0)).float()
+    buf.push(H[:7], [f"item{int(h)}" for h in H[:7]])
+    buf.push(H[7:].tolist(), [f"item{int(h)}" for h in H[7:]])
+    assert len(buf) == 5
+    assert [h for h, _ in buf.entries] == [11.0, 10.0, 9.0, 8.0, 7.0]
+    assert [item for _, item in buf.entries] == ["item11", "item10", "item9", "item8", "item7"]
+    with pytest.raises(ValueError):
+        buf.push([1.0, 2.0], ["only one"])
+
+
+def test_sample_pops_what_it_returns_and_stops_when_empty():
+    buf = HardBuffer(capacity=100)
+    buf.push(torch.arange(10.0), list(range(10)))
+    first = buf.sample(4, generator=gen(0))
+    assert len(first) == 4 and len(set(first)) == 4 and len(buf) == 6
+    rest = buf.sample(50, generator=gen(1))  # asks for more than there is
+    assert len(rest) == 6 and sorted(first + rest) == list(range(10))
+    assert len(buf) == 0 and buf.sample(3) == []
+
+
+def test_first_draw_frequencies_match_the_rank_softmax():
+    T, N, draws = 1.75, 10, 10000
+    buf = HardBuffer(capacity=N, temperature=T)
+    buf.push(torch.arange(N, 0, -1).float(), list(range(N)))  # item r has rank r
+    g = gen(0)
+    counts = torch.zeros(N)
+    for _ in range(draws):
+        (item,) = buf.sample(1, generator=g)
+        counts[item] += 1
+        buf.push([float(N - item)], [item])  # put it back: every draw is a first draw from the same 10
+    weights = torch.tensor([math.exp((N - 1 - r) / (N - 1) / T) for r in range(N)])
+    p = weights / weights.sum()
+    std = (p * (1 - p) / draws).sqrt()
+    assert ((counts / draws - p).abs() < 4 * std).all(), (counts / draws, p)
+    assert close(buf.probabilities().float(), p)
+    assert math.isclose(p[0] / p[-1], math.exp(1 / T), rel_tol=1e-5)  # hardest vs easiest
+
+
+def test_state_dict_round_trips_exactly(tmp_path):
+    buf = HardBuffer(capacity=8, temperature=1.5)
+    items = [{"tokens": torch.randint(0, 512, (16,)), "question": f"q{i}", "answer": [i, "red"]} for i in range(5)]
+    H = torch.tensor([0.1, 2.0 / 3.0, 1e-9, 5.5, 2.0 / 3.0], dtype=torch.float64)
+    buf.push(H, items)
+    path = tmp_path / "buf.pt"
+    torch.save(buf.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert set(state) == {"capacity", "temperature", "H", "items"}
+    again = HardBuffer()
+    again.load_state_dict(state)
+    assert (again.capacity, again.temperature, len(again)) == (8, 1.5, 5)
+    assert [h for h, _ in again.entries] == [h for h, _ in buf.entries]
+    for (_, a), (_, b) in zip(again.entries, buf.entries):
+        assert a["question"] == b["question"] and a["answer"] == b["answer"]
+        assert torch.equal(a["tokens"], b["tokens"])
+    same_draws = [x["question"] for x in again.sample(5, generator=gen(7))]
+    assert same_draws == [x["question"] for x in buf.sample(5, generator=gen(7))]
+
+
+# ================================================================================================
+# configurator.py and train.py ---------------------------------------------------------------
 
 def run_train(*args, timeout=300):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
                           cwd=HERE, timeout=timeout)
 
 
-@pytest.mark.parametrize("args, message", [
+def configure(argv, defaults="batch_size = 32\nlr = 1e-3\nout_dir = 'out'\ngame = True\n"):
+    """Run configurator.py on `argv` over `defaults`, as train.py does; return (returncode, output)."""
+    code = f"import sys; sys.argv = ['train.py'] + {argv!r}\n{defaults}exec(open('configurator.py').read())\n" \
+           "print(batch_size, lr, repr(out_dir), game)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--batch_sise=8"], "unknown key 'batch_sise'; did you mean 'batch_size'"),
     (["--batch_size=eight"], "batch_size='eight': expected int, got str"),
-    (["--game_over=1"], "unknown key 'game_over'"),
     (["--lr=True"], "lr=True: expected float, got bool"),
+    (["--game=1"], "game=1: expected bool, got int"),
+    (["--lr"], "flag --lr needs a value"),
+    (["no_such_file.py"], "cannot read config file no_such_file.py"),
 ])
-def test_configurator_rejects_bad_keys_and_types(args, message):
-    r = run_train(*args, "--max_iters=0")
-    assert r.returncode != 0
-    assert message in r.stderr + r.stdout
+def test_configurator_rejects_bad_keys_and_types(argv, message):
+    code, out = configure(argv)
+    assert code != 0 and message in out, out
 
 
 def test_configurator_file_then_flags_override(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("batch_size = 3\nlr = 0.5\nout_dir = 'x'\n")
-    code = ("import sys; sys.argv = ['train.py', %r, '--lr=2e-4', '--out_dir=123']\n"
-            "batch_size = 32\nlr = 1e-3\nout_dir = 'out'\nexec(open('configurator.py').read())\n"
-            "print(batch_size, lr, repr(out_dir))") % str(cfg)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
-    assert r.stdout.split() == ["3", "0.0002", "'123'"], r.stderr
+    assert configure([str(cfg), "--lr=2e-4", "--out_dir=123", "--game=False"]) == (0, "3 0.0002 '123' False")
+    cfg.write_text("batch_sze = 3\n")
+    code, out = configure([str(cfg)])
+    assert code != 0 and "unknown key 'batch_sze'" in out
+
+
+def test_train_rejects_an_unknown_key_at_start_up():
+    r = run_train("--max_iter=5")
+    assert r.returncode != 0 and "unknown key 'max_iter'; did you mean 'max_iters'" in r.stderr

@@ -1,0 +1,161 @@
+"""The perturber: UniGame's adversary at the visual-token interface.
+
+A tiny MLP C looks at each visual token z and proposes a direction. The direction is
+L2-normalised per token and scaled by a learnable, bounded budget ε, so the adversary
+chooses *where* to push a token but never *how far*:
+
+    relative=False   δ = ε · normalize(C(z))          ‖δ‖ = ε            (absolute, as published)
+    relative=True    δ = ε · ‖z‖ · normalize(C(z))    ‖δ‖ / ‖z‖ = ε      (scale-free)
+
+Also here: the regulariser R(δ) of the perturber's loss, a random perturbation of the
+same budget (the baseline), and PGD on δ itself (the fresh attack that measures
+robustness). This file imports only torch so that it can be copied into other repos.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_TINY = 1e-12  # floor for norms we divide by: zero tokens and zero gradients must not give NaN
+
+
+def _unit(x):
+    """x / ‖x‖ along the last dim, in float32 (a bf16 norm is off by up to ~0.4 %, enough to break the budget)."""
+    return F.normalize(x.float(), dim=-1, eps=_TINY)
+
+
+def _budget(z, eps, relative):
+    """Per-token radius of the budget ball, shape (..., 1), float32."""
+    if relative:
+        return eps * z.float().norm(dim=-1, keepdim=True)
+    return eps * torch.ones(z.shape[:-1] + (1,), device=z.device)
+
+
+class Perturber(nn.Module):
+    """δ_φ(z): a bounded, learnable push on each token of z, shape (..., dim).
+
+    C is Linear-GELU-Linear-GELU-Linear applied to each token. Its last layer is
+    orthogonally initialised, so different tokens start with well-spread directions, and
+    has no bias, so the direction comes from the token rather than from one shared offset.
+
+    The budget ε = eps_min + (eps_max − eps_min)·sigmoid(θ_ε) is learnable but can never
+    leave [eps_min, eps_max]; θ_ε starts at the inverse sigmoid of eps_init, so ε starts
+    at eps_init. What ε means depends on `relative`:
+
+    - relative=True: ε is a fraction of each token's own norm, ‖δ‖ = ε·‖z‖ exactly. The
+      budget is then scale-free, which is what we want on codebook space, where nothing
+      fixes the token scale in advance. Where tokens are L2-normalised codebook vectors
+      (‖z‖ = 1) the two modes coincide. An all-zero token gets δ = 0.
+    - relative=False: ε is an absolute L2 length, ‖δ‖ = ε exactly, whatever z is. This is
+      the published budget (eps_max 0.02, eps_init 0.01 on LM-space embeddings).
+
+    hidden defaults to max(32, dim // 4): the published perturber is under 1 % of the
+    backbone, and a 4·dim MLP is not (at dim 256 it would be 1.6 M parameters, a third of
+    a 4.4 M model); dim // 4 gives 37 k there (0.84 %) and 9.4 M at Janus-Pro-7B's
+    LM width 4096 (0.13 %). The floor of 32 keeps some capacity on narrow codebooks
+    (Janus's VQ codebook vectors are 8-dimensional).
+    """
+
+    def __init__(self, dim, hidden=None, eps_min=0.0, eps_max=0.02, eps_init=0.01, relative=True):
+        super().__init__()
+        if not eps_min < eps_init < eps_max:  # sigmoid reaches neither end, so eps_init must lie strictly inside
+            raise ValueError(f"need eps_min < eps_init < eps_max, got {eps_min}, {eps_init}, {eps_max}")
+        hidden = hidden or max(32, dim // 4)
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, dim, bias=False),
+        )
+        nn.init.orthogonal_(self.net[-1].weight)
+        p = (eps_init - eps_min) / (eps_max - eps_min)
+        self.theta_eps = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+        self.eps_min, self.eps_max, self.relative = eps_min, eps_max, relative
+
+    @property
+    def eps(self):
+        """The current budget ε, a 0-dim tensor differentiable w.r.t. θ_ε."""
+        return self.eps_min + (self.eps_max - self.eps_min) * torch.sigmoid(self.theta_eps)
+
+    def forward(self, z, noise_std=0.0, generator=None):
+        """δ for tokens z of shape (..., dim); same shape and dtype as z.
+
+        noise_std > 0 adds Gaussian jitter to the unit direction before renormalising, so
+        repeated calls on one sample give distinct candidates for mining. Its per-coordinate
+        std is noise_std / sqrt(dim), so the jitter's length is about noise_std whatever
+        dim is (0.3 tilts the direction by about 17 degrees). The jitter acts on the
+        direction only: every draw still has exactly the budget's length. `generator`
+        (on z's device) makes draws repeatable.
+        """
+        u = _unit(self.net(z))
+        if noise_std > 0:
+            noise = torch.randn(u.shape, generator=generator, device=u.device)
+            u = _unit(u + noise_std / math.sqrt(u.shape[-1]) * noise)
+        return (_budget(z, self.eps, self.relative) * u).to(z.dtype)
+
+    def extra_repr(self):
+        return f"eps in [{self.eps_min}, {self.eps_max}], relative={self.relative}"
+
+
+def random_like(z, eps, relative=True, generator=None):
+    """A uniformly random direction per token at the same budget as a Perturber: the
+    'random perturbation' baseline. ‖δ‖ = eps·‖z‖ (relative) or eps (absolute)."""
+    u = _unit(torch.randn(z.shape, generator=generator, device=z.device))
+    return (_budget(z, eps, relative) * u).to(z.dtype)
+
+
+def total_variation(delta, grid=None):
+    """Mean L2 distance between the δ of neighbouring tokens, for delta of shape (..., N, dim).
+
+    Without grid, neighbours are consecutive tokens of the sequence. With grid=(h, w)
+    (N = h·w, row-major, as image tokens are laid out) they are horizontal and vertical
+    neighbours on the 2-D token grid; the mean is over all such pairs. It is zero for a
+    constant field and its gradient there is zero, not NaN.
+    """
+    d = delta.float()
+    if grid is None:
+        diffs = [d[..., 1:, :] - d[..., :-1, :]]
+    else:
+        d = d.unflatten(-2, tuple(grid))
+        diffs = [d[..., :, 1:, :] - d[..., :, :-1, :], d[..., 1:, :, :] - d[..., :-1, :, :]]
+    return torch.cat([x.norm(dim=-1).flatten() for x in diffs]).mean()
+
+
+def regularizer(delta, eps, w_l2=1e-3, w_tv=1e-3, w_eps=1e-3, grid=None):
+    """R(δ) = w_l2·mean‖δ‖² + w_tv·TV(δ) + w_eps·ε², the penalty in loss_G = −λ·CE_adv + R(δ).
+
+    mean‖δ‖² is over tokens; TV is `total_variation` (over the token grid when grid=(h, w)
+    is given, else along the sequence); eps is the perturber's ε (a tensor, so its
+    gradient reaches θ_ε). The default weights of 1e-3 are deliberately tiny: against
+    λ·CE with λ ≈ 100 they only break ties, favouring smooth, small, cheap perturbations.
+    """
+    l2 = delta.float().pow(2).sum(-1).mean()
+    return w_l2 * l2 + w_tv * total_variation(delta, grid) + w_eps * eps ** 2
+
+
+def pgd_attack(loss_fn, z, eps, steps, step_size=None, relative=True, generator=None):
+    """A fresh L2 PGD attack on δ itself (no perturber), within the Perturber's budget ball.
+
+    Starts at a random point in the ball (random direction, uniform fraction of the
+    radius), then takes `steps` ascent steps on loss_fn(z + δ).sum() (loss_fn returns a
+    scalar or per-sample losses): each token moves step_size·(‖z‖ if relative) along its
+    own normalised gradient, then is projected back to ‖δ‖ ≤ eps·(‖z‖ if relative).
+    step_size is in units of eps and defaults to 2.5·eps/steps, so the attack can cross
+    the ball more than once. Works under torch.no_grad(); only δ receives gradients, so
+    no parameter .grad is touched. Returns δ detached, same shape and dtype as z.
+    """
+    z = z.detach()
+    eps = float(eps)
+    scale = _budget(z, 1.0, relative)
+    radius = eps * scale
+    step = (2.5 * eps / max(steps, 1) if step_size is None else step_size) * scale
+    u = _unit(torch.randn(z.shape, generator=generator, device=z.device))
+    delta = u * radius * torch.rand(radius.shape, generator=generator, device=z.device)
+    with torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = loss_fn(z + delta.to(z.dtype)).sum()
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = delta.detach() + step * _unit(grad)
+            delta = delta * (radius / delta.norm(dim=-1, keepdim=True).clamp_min(_TINY)).clamp(max=1.0)
+    return delta.to(z.dtype)
