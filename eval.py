@@ -48,14 +48,13 @@ def answer_score(pred, answers):
 
 
 @torch.no_grad()
-def understanding_accuracy(umm, records, perturb=None, batch_size=64, progress=True, desc="understanding"):
-    """Mean answer score of greedy answers; `perturb` maps pixels to pixels before the model sees them."""
+def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
+    """Mean answer score of greedy answers. `embed` maps pixels to the understanding embeds the model
+    answers from (default: umm.image_embeds; see perturbed_embed)."""
     scores = []
     for chunk in _batches(records, batch_size, progress, desc):
         px = _pixels(umm, chunk)
-        if perturb is not None:
-            px = perturb(px)
-        preds = umm.answer(umm.image_embeds(px), [r["question"] for r in chunk])
+        preds = umm.answer((embed or umm.image_embeds)(px), [r["question"] for r in chunk])
         scores += [answer_score(p, r["answers"]) for p, r in zip(preds, chunk)]
     return sum(scores) / max(1, len(scores))
 
@@ -82,15 +81,19 @@ def reconstruction_score(umm, records, batch_size=64, progress=True):
     return sum(scores) / max(1, len(scores))
 
 
-def random_vq_perturbation(umm, eps, seed=0):
-    """pixels -> decode(project(z + random delta)): a random (not adversarial) perturbation of budget
-    eps at the codebook interface, through the same encode-project-decode path as the game."""
-    g = torch.Generator(device=umm.device).manual_seed(seed)
+def perturbed_embed(umm, delta_fn, at="vq"):
+    """pixels -> understanding embeds of the perturbed view: tokens at the interface `at`, plus
+    delta_fn(tokens), through the same project-decode path as the game (model.perturbed_view)."""
+    def embed(px):
+        tokens = umm.visual_tokens(px, at)
+        return umm.perturbed_view(tokens + delta_fn(tokens), at)[0]
+    return embed
 
-    def perturb(px):
-        z = torch.nn.functional.normalize(umm.vq_encode(px), dim=-1)
-        return umm.vq_decode(umm.project_to_codebook(z + random_like(z, eps, generator=g))[0]).clamp(-1, 1)
-    return perturb
+
+def random_delta(eps, relative=True, seed=0, device="cpu"):
+    """A random (not adversarial) perturbation of budget eps: the control for the perturber."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return lambda tokens: random_like(tokens, eps, relative=relative, generator=g)
 
 
 def evaluate(umm, records, gen_n=0, progress=True, **gen_kw):
@@ -121,8 +124,8 @@ if __name__ == "__main__":
         "generation": generation_score(umm, test[:gen_n], cfg_scale, temperature, batch_size, seed),
         "reconstruction": reconstruction_score(umm, test, batch_size=batch_size),
         "robustness_ood": understanding_accuracy(umm, ood, batch_size=batch_size, desc="ood"),
-        "understanding_random_perturb": understanding_accuracy(umm, test, random_vq_perturbation(umm, eps, seed),
-                                                               batch_size, desc="random perturbation"),
+        "understanding_random_perturb": understanding_accuracy(
+            umm, test, perturbed_embed(umm, random_delta(eps, seed=seed, device=device)), batch_size, desc="random perturbation"),
     }
     meta = {"ckpt": ckpt, "n": n, "gen_n": gen_n, "cfg_scale": cfg_scale, "temperature": temperature,
             "random_perturb_eps": eps, "seed": seed}

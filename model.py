@@ -383,6 +383,32 @@ class UMM(nn.Module):
     def decode_codes(self, codes):
         return self.vq_decode(self.codebook[codes])
 
+    # ---- the interface the game plays at ---------------------------------------------------------
+
+    def visual_tokens(self, pixels, at="vq"):
+        """The tokens a perturbation is added to. at='vq': codebook-space tokens of the VQ encoder,
+        on the unit sphere like the codebook (B, N, C). at='aligner': understanding tokens after the
+        aligner (B, N, D_lm)."""
+        if at == "vq":
+            return F.normalize(self.vq_encode(pixels), dim=-1)
+        if at == "aligner":
+            return self.image_embeds(pixels)
+        raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
+
+    def perturbed_view(self, tokens, at="vq"):
+        """What the understanding branch sees of (perturbed) visual tokens: (image embeds, pixels).
+        at='vq' projects the tokens onto the decoder's manifold (nearest codebook entries, with a
+        straight-through gradient) and decodes them to an image, so the adversarial input is a real,
+        decodable picture; gradients flow back through decoder, vision encoder and LM. at='aligner'
+        uses the tokens as they are (cheaper, not decoder-constrained); pixels is then None."""
+        if at == "vq":
+            zq, _ = self.project_to_codebook(tokens)
+            pixels = self.vq_decode(zq).clamp(-1, 1)
+            return self.image_embeds(pixels), pixels
+        if at == "aligner":
+            return tokens, None
+        raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
+
     def image_codes(self, pixels):
         """VQ codes (B, N) of images: the generation targets."""
         return self.project_to_codebook(self.vq_encode(pixels))[1]
