@@ -868,3 +868,116 @@ def test_configurator_file_then_flags_override(tmp_path):
 def test_train_rejects_an_unknown_key_at_start_up():
     r = run_train("--max_iter=5")
     assert r.returncode != 0 and "unknown key 'max_iter'; did you mean 'max_iters'" in r.stderr
+
+
+def sgd_step(params, loss, lr):
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= lr * g / (g.norm() + 1e-12)
+
+
+def test_one_sft_step_lowers_the_loss_on_a_fixed_batch(tok, train64):
+    m = tiny(tok, seed=2).train()
+    images, qs, ans, caps = batch_of(train64, 8)
+    px = m.preprocess(images)
+    codes = m.image_codes(px)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+    def loss():
+        return m.answer_loss(m.image_embeds(px), qs, ans).mean() + m.image_loss(caps, codes).mean()
+    before = loss()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        assert loss() < before - 1e-3
+
+
+@pytest.mark.parametrize("at", ["vq", "aligner"])
+def test_one_perturber_step_raises_the_adversarial_loss(umm, train64, at):
+    images, qs, ans, _ = batch_of(train64, 8)
+    with torch.no_grad():
+        tokens = umm.visual_tokens(umm.preprocess(images), at)
+    torch.manual_seed(0)
+    p = Perturber(tokens.shape[-1], eps_max=0.6, eps_init=0.5)
+
+    def adv_loss():
+        return umm.answer_loss(umm.perturbed_view(tokens + p(tokens), at)[0], qs, ans).mean()
+    before = adv_loss()
+    # loss_G = -lambda * CE + R(delta); the model takes no weight gradients in this pass
+    loss_G = -100 * before + regularizer(p(tokens), p.eps, grid=(umm.grid, umm.grid))
+    sgd_step(list(p.parameters()), loss_G, lr=0.5)
+    assert all(q.grad is None for q in umm.parameters())
+    with torch.no_grad():
+        assert adv_loss() > before.detach() + 1e-4
+
+
+def test_one_understanding_step_lowers_the_loss_on_hard_samples(tok, train64):
+    m = tiny(tok, seed=3).train()
+    images, qs, ans, _ = batch_of(train64, 8)
+    with torch.no_grad():
+        tokens = m.visual_tokens(m.preprocess(images), "vq")
+        hard_codes = m.project_to_codebook(tokens + random_like(tokens, 0.4, generator=torch.Generator().manual_seed(0)))[1]
+        hard_px = m.decode_codes(hard_codes).clamp(-1, 1)
+    add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.0)
+    lora = [p for n, p in m.named_parameters() if "lora" in n]
+    m.requires_grad_(False)
+    for p in lora:
+        p.requires_grad_(True)
+
+    def hard_loss():
+        return m.answer_loss(m.image_embeds(hard_px), qs, ans).mean()
+    before = hard_loss()
+    sgd_step(lora, before, lr=0.5)
+    with torch.no_grad():
+        assert hard_loss() < before.detach() - 1e-3
+
+
+# ---- train.py end to end, on a very small saved model ----------------------------------------
+
+@pytest.fixture(scope="module")
+def small_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("small") / "model"
+    tiny(tok, seed=4).save_pretrained(str(path))
+    return str(path)
+
+
+def quick_train(small_dir, out_dir, *args, nproc=0):
+    argv = [f"--init_from={small_dir}", f"--out_dir={out_dir}", "--batch_size=4", "--hard_bs=2", "--train_n=64",
+            "--eval_n=8", "--eval_interval=0", "--log_interval=1", "--lora_r=4", "--threads=1", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    r = subprocess.run([*launcher, os.path.join(HERE, "train.py"), *argv], capture_output=True, text=True, cwd=HERE,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.replace("\r", "\n") + r.stderr.replace("\r", "\n")
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+@pytest.mark.parametrize("at, mine", [("vq", "decode"), ("aligner", "decode"), ("vq", "generate"), ("aligner", "generate")])
+def test_every_interface_and_mining_mode_runs_a_game_step(small_dir, tmp_path, at, mine):
+    out = quick_train(small_dir, tmp_path, "--max_iters=2", f"--perturb_at={at}", f"--mine={mine}",
+                      "--tau=-1.0", "--q_hard=0.0")
+    steps = [r for r in read_log(tmp_path) if "adv" in r]
+    assert [r["iter"] for r in steps] == [1, 2]
+    assert all(r["buffer"] > 0 and 0 < r["eps"] <= 0.5 and "hard" in r for r in steps[1:])
+    assert "under_perturber" in out
+
+
+def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
+    quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0")
+    meta = json.load(open(tmp_path / "ckpt" / "ckpt.json"))
+    assert meta["iter_num"] == 2 and meta["config"]["lora_r"] == 4
+    from transformers import JanusForConditionalGeneration
+    JanusForConditionalGeneration.from_pretrained(tmp_path / "ckpt" / "model")  # the merged export loads alone
+    quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=4", "--tau=-1.0")
+    iters = [r["iter"] for r in read_log(tmp_path) if "loss" in r]
+    assert iters == [1, 2, 3, 4]  # continued from step 2, not from scratch
+    assert json.load(open(tmp_path / "ckpt" / "ckpt.json"))["iter_num"] == 4
+
+
+def test_two_process_ddp_keeps_lora_and_perturber_identical_on_both_ranks(small_dir, tmp_path):
+    out = quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0", "--ddp_check_interval=1", nproc=2)
+    assert "iter 2: parameters identical on all 2 ranks" in out
