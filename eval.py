@@ -24,7 +24,7 @@ gen_n = 200  # test captions for generation
 batch_size = 64
 cfg_scale = 5.0  # classifier-free guidance for generation
 temperature = 0.0  # 0: greedy image tokens
-eps = 0.25  # budget of the random perturbation, relative to token norm on codebook space
+eps = 0.3  # budget of the random perturbation (relative to token norm on codebook space): train.py's eps_max
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------------------------
