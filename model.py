@@ -494,3 +494,33 @@ def _read_json(path):
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# -----------------------------------------------------------------------------------------------
+# A CLIP consistency scorer, for when a local CLIP checkpoint is at hand
+
+def clip_scorer(path, device="cpu"):
+    """s(images, texts) = cosine between CLIP's image and text embeddings, in [-1, 1], from a local
+    directory that transformers' CLIPModel and AutoTokenizer load. images: float (B, 3, H, W) in
+    [0, 1]; resized to CLIP's input size and normalised with the directory's preprocessing values
+    (OpenAI CLIP's when it has none)."""
+    from transformers import CLIPModel
+    model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pre = _read_json(os.path.join(path, "preprocessor_config.json"))
+    mean = torch.tensor(pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]), device=device).view(1, 3, 1, 1)
+    size = model.config.vision_config.image_size
+
+    def embed(out):
+        return F.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1)
+
+    @torch.no_grad()
+    def score(images, texts):
+        x = F.interpolate(images.float().to(device), size=(size, size), mode="bicubic", align_corners=False)
+        image = embed(model.get_image_features(pixel_values=(x.clamp(0, 1) - mean) / std))
+        tok = tokenizer(list(texts), padding=True, truncation=True, max_length=model.config.text_config.max_position_embeddings,
+                        return_tensors="pt").to(device)
+        text = embed(model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+        return (image * text).sum(-1)
+    return score

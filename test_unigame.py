@@ -957,9 +957,10 @@ def read_log(out_dir):
 
 
 @pytest.mark.parametrize("at, mine", [("vq", "decode"), ("aligner", "decode"), ("vq", "generate"), ("aligner", "generate")])
-def test_every_interface_and_mining_mode_runs_a_game_step(small_dir, tmp_path, at, mine):
+def test_every_interface_and_mining_mode_runs_a_game_step(small_dir, clip_dir, tmp_path, at, mine):
+    clip = [f"--clip_path={clip_dir}"] if (at, mine) == ("vq", "generate") else []  # CLIP scores generated images
     out = quick_train(small_dir, tmp_path, "--max_iters=2", f"--perturb_at={at}", f"--mine={mine}",
-                      "--tau=-1.0", "--q_hard=0.0")
+                      "--tau=-1.0", "--q_hard=0.0", *clip)
     steps = [r for r in read_log(tmp_path) if "adv" in r]
     assert [r["iter"] for r in steps] == [1, 2]
     assert all(r["buffer"] > 0 and 0 < r["eps"] <= 0.5 and "hard" in r for r in steps[1:])
@@ -981,3 +982,40 @@ def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
 def test_two_process_ddp_keeps_lora_and_perturber_identical_on_both_ranks(small_dir, tmp_path):
     out = quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0", "--ddp_check_interval=1", nproc=2)
     assert "iter 2: parameters identical on all 2 ranks" in out
+
+
+def save_tiny_clip(tok, path):
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=40, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    clip = CLIPModel(cfg).eval()
+    clip.save_pretrained(path)
+    tok.save_pretrained(path)
+    return clip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip")
+    save_tiny_clip(tok, path)
+    return str(path)
+
+
+def test_clip_scorer_from_a_local_directory_matches_clip_forward(tok, tmp_path):
+    from model import clip_scorer
+    clip = save_tiny_clip(tok, tmp_path)
+    score = clip_scorer(str(tmp_path))
+    images = torch.rand(3, 3, 32, 32)
+    texts = ["a red circle on the left", "a blue square", "what color is the circle? red"]
+    s = score(images, texts)
+    assert s.shape == (3,) and (s.abs() <= 1 + 1e-6).all()
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    t = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = clip(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=(images - mean) / std)
+    torch.testing.assert_close(s, out.logits_per_image.diagonal() / clip.logit_scale.exp(), rtol=1e-4, atol=1e-5)

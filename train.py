@@ -25,7 +25,7 @@ import data
 from eval import evaluate, perturbed_embed, understanding_accuracy
 import torch.nn.functional as F
 from buffer import HardBuffer, hardness, select_hard
-from model import UMM, add_lora, build_tokenizer, tiny_config
+from model import UMM, add_lora, build_tokenizer, clip_scorer, tiny_config
 from perturber import Perturber, regularizer
 
 # -----------------------------------------------------------------------------------------------
@@ -79,6 +79,7 @@ q_hard = 0.75  # keep candidates with H >= this batch quantile
 hard_topk = 2  # at most this many candidates per source sample
 tau = 0.9  # consistency threshold on s
 lambda_c = 1.0  # H = CE + lambda_c * max(0, tau - s)
+clip_path = ""  # a local CLIP directory: s = CLIP image-text cosine; '': built in (cosine to the real image, in the model's own embedding)
 buffer_rule = "consistent"  # 'consistent': drop s < tau | 'published': keep them as hard too
 buffer_capacity = 4096
 buffer_temperature = 1.75
@@ -197,6 +198,9 @@ perturber = Perturber(token_dim, eps_min=eps_min, eps_max=eps_max, eps_init=eps_
 opt_G = torch.optim.AdamW(perturber.parameters(), lr=lr_G, weight_decay=0.0)
 buffer = HardBuffer(buffer_capacity, buffer_temperature)  # per rank: each process mines and trains on its own
 grid = (umm.grid, umm.grid)
+if clip_path and perturb_at != "vq":
+    raise SystemExit("config error: clip_path scores images, but perturb_at='aligner' candidates are not images; use perturb_at='vq'")
+clip_score = clip_scorer(clip_path, device) if clip_path else None
 if compile:
     jm.language_model.compile()
     jm.vision_model.compile()
@@ -345,7 +349,7 @@ while iter_num < max_iters:
     skipped += batch["skipped"]
     pixels = umm.preprocess(batch["images"])
     questions, captions, B = batch["questions"], batch["captions"], len(batch["questions"])
-    answers = [max(set(a), key=a.count) for a in batch["answers"]]  # the annotators' most common answer
+    answers = [max(a, key=a.count) for a in batch["answers"]]  # the annotators' most common answer (first on ties)
     umm.train()
     logs = {}
 
@@ -357,7 +361,7 @@ while iter_num < max_iters:
             # 2. perturb them, inside the budget
             delta = perturber(tokens)
             # 3. project onto the decoder's manifold (nearest codebook entries, straight-through) and decode
-            emb_adv, _ = umm.perturbed_view(tokens + delta, perturb_at)
+            emb_adv, px_adv = umm.perturbed_view(tokens + delta, perturb_at)
             # 4. the perturber's move: maximise the understanding loss on what it made, minus R(delta)
             ce_adv = umm.answer_loss(emb_adv, questions, answers)
             loss_G = -lam * ce_adv.mean() + regularizer(delta, perturber.eps, w_l2, w_tv, w_eps, grid)
@@ -368,21 +372,21 @@ while iter_num < max_iters:
         torch.nn.utils.clip_grad_norm_(perturber.parameters(), grad_clip)
         opt_G.step()
         opt_G.zero_grad(set_to_none=True)
-        logs.update(adv=ce_adv.mean().item(), eps=perturber.eps.item())
+        logs.update(loss_G=loss_G.item(), adv=ce_adv.mean().item(), eps=perturber.eps.item())
 
         # 5. mine: candidates, their consistency with the text, the hardest kept in the buffer
         if iter_num % mine_stride == 0:
             with torch.no_grad(), ctx:
                 ref = umm.image_embeds(pixels).mean(1)  # s is measured against the real image of the same text
-                cands = []  # (understanding embeds, CE, what the buffer stores of each candidate)
+                cands = []  # (understanding embeds, pixels, CE, what the buffer stores of each candidate)
                 if mine == "decode":  # this batch's adversarial images, plus jittered draws of the perturber
                     for k in range(cand_k):
                         t = tokens + (delta.detach() if k == 0 else perturber(tokens, noise_std=cand_noise))
-                        e = emb_adv.detach() if k == 0 else umm.perturbed_view(t, perturb_at)[0]
+                        e, px = (emb_adv.detach(), px_adv) if k == 0 else umm.perturbed_view(t, perturb_at)
                         ce = ce_adv.detach() if k == 0 else umm.answer_loss(e, questions, answers)
                         store = ({"codes": umm.project_to_codebook(t)[1]} if perturb_at == "vq" else
                                  {"image": umm.to_uint8(pixels), "delta": (t - tokens).half()})
-                        cands.append((e, ce, store))
+                        cands.append((e, px, ce, store))
                 else:  # 'generate': the generation branch draws images of the text, the perturber steering each token
                     prompts = [c or q for c, q in zip(captions, questions)]
                     for k in range(cand_k):
@@ -395,15 +399,19 @@ while iter_num < max_iters:
                         else:
                             d = perturber(e, noise_std=cand_noise)
                             e, store = e + d, {"image": umm.to_uint8(px), "delta": d.half()}
-                        cands.append((e, umm.answer_loss(e, questions, answers), store))
-                ce = torch.cat([c[1] for c in cands]).float()
-                s = F.cosine_similarity(torch.cat([c[0].mean(1) for c in cands]).float(), ref.float().repeat(cand_k, 1))
+                        cands.append((e, px, umm.answer_loss(e, questions, answers), store))
+                ce = torch.cat([c[2] for c in cands]).float()
+                if clip_score:  # consistency of each candidate image with its text
+                    texts = [c or f"{q} {a}" for c, q, a in zip(captions, questions, answers)] * cand_k
+                    s = clip_score(torch.cat([c[1] for c in cands]).float() * umm.image_std + umm.image_mean, texts)
+                else:  # built in: how far the candidate drifted from the real image, in the model's own embedding
+                    s = F.cosine_similarity(torch.cat([c[0].mean(1) for c in cands]).float(), ref.float().repeat(cand_k, 1))
                 H = hardness(ce, s, lambda_c, tau)
                 keep = select_hard(H, s, torch.arange(B, device=device).repeat(cand_k), q_hard, hard_topk, tau, buffer_rule)
                 items = []
                 for j in keep.tolist():
                     k, i = divmod(j, B)
-                    items.append({**{key: v[i].cpu() for key, v in cands[k][2].items()},
+                    items.append({**{key: v[i].cpu() for key, v in cands[k][3].items()},
                                   "question": questions[i], "answer": answers[i], "source": batch["sources"][i]})
                 buffer.push(H[keep].cpu(), items)
             logs.update(s=s.mean().item(), kept=len(items), buffer=len(buffer))
@@ -444,7 +452,7 @@ while iter_num < max_iters:
     if master and (iter_num % log_interval == 0 or iter_num == max_iters):
         logs = {"iter": iter_num, "lr": lr_at(iter_num - 1), "loss": loss.item(), "grad_norm": grad_norm.item(), **logs,
                 "time": round(time.time() - t0, 1)}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("und", "adv", "eps", "buffer", "gen", "rec")})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("und", "loss_G", "eps", "buffer", "gen", "rec")})
         with open(log_path, "a") as f:
             f.write(json.dumps(logs) + "\n")
     if master and ((eval_interval and iter_num % eval_interval == 0) or iter_num == max_iters):
