@@ -433,9 +433,14 @@ class UMM(nn.Module):
         """VQ codes -> LM-space input embeddings (generation_embeddings -> generation_aligner)."""
         return self.janus.prepare_embeddings_for_image_generation(codes)
 
-    def image_loss(self, captions, codes):
-        """Per-sample text-to-image cross-entropy over the image codes (B,), teacher forced."""
+    def image_loss(self, captions, codes, uncond=None):
+        """Per-sample text-to-image cross-entropy over the image codes (B,), teacher forced.
+        uncond (bool (B,)) marks samples whose prompt is replaced by the unconditional one that
+        classifier-free guidance uses (every token but BOS and BOI padded), to train that branch."""
         ids, mask, pos = (t.to(self.device) for t in _left_pad([self.generation_prompt_ids(c) for c in captions], self.pad_id))
+        if uncond is not None:
+            drop = uncond.to(self.device)[:, None] & (ids != self.bos_id) & (ids != self.boi_id) & (mask == 1)
+            ids = ids.masked_fill(drop, self.pad_id)
         L, N = ids.shape[1], codes.shape[1]
         embeds = torch.cat([self.janus.model.language_model.get_input_embeddings()(ids),
                             self.code_embeds(codes[:, :-1])], 1)

@@ -59,6 +59,7 @@ gradient_checkpointing = False
 # objective: loss_D = w_clean*CE(clean) + CE(hard samples) [+ w_gen*CE(image codes) + w_vq*VQ losses]
 w_clean = 1.0  # understanding cross-entropy on the clean batch
 w_gen = 0.0  # text-to-image cross-entropy over VQ codes (keeps generation trained; the base uses 1.0)
+gen_uncond_p = 0.1  # share of text-to-image samples trained with the unconditional prompt (for guidance)
 w_vq = 0.0  # VQ reconstruction + codebook loss (training the VQ model)
 vq_iters = 0  # scratch: the first vq_iters steps train the VQ model alone, then it is frozen
 # the game (game=False: the SFT baseline, same data, steps and optimizer)
@@ -84,7 +85,7 @@ buffer_rule = "consistent"  # 'consistent': drop s < tau | 'published': keep the
 buffer_capacity = 4096
 buffer_temperature = 1.75
 hard_bs = 8  # hard samples per understanding step
-gen_cfg = 5.0  # mine='generate': classifier-free guidance
+gen_cfg = 1.0  # mine='generate': classifier-free guidance (1: none; the shipped base has no unconditional branch)
 gen_temperature = 1.0
 # optimisation
 batch_size = 16  # per process
@@ -436,7 +437,7 @@ while iter_num < max_iters:
             if w_gen:
                 with torch.no_grad():
                     codes = umm.image_codes(pixels)
-                ce_gen = umm.image_loss(captions, codes).mean()
+                ce_gen = umm.image_loss(captions, codes, torch.rand(B) < gen_uncond_p).mean()
                 loss = loss + w_gen * ce_gen
                 logs["gen"] = ce_gen.item()
     optimizer.zero_grad(set_to_none=True)
