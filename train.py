@@ -348,6 +348,8 @@ while iter_num < max_iters:
         g["lr"] = lr_at(iter_num)
     batch = next(batches)
     skipped += batch["skipped"]
+    if not batch["images"]:  # every sample of this batch was unreadable (skip_bad): counted above, draw another
+        continue
     pixels = umm.preprocess(batch["images"])
     questions, captions, B = batch["questions"], batch["captions"], len(batch["questions"])
     answers = [max(a, key=a.count) for a in batch["answers"]]  # the annotators' most common answer (first on ties)
