@@ -284,16 +284,15 @@ class UMM(nn.Module):
     def answer_logits(self, image_embeds, questions, answers=None):
         """Next-token logits over the whole (left-padded) understanding sequence, and its labels
         (-100 on prompt and padding). For tests and analysis; training uses answer_loss."""
-        seqs = [self.prompt_ids(q) + (self.answer_ids(a) if answers else []) for q, a in
-                zip(questions, answers or [None] * len(questions))]
+        tails = [self.answer_ids(a) for a in answers] if answers else [[] for _ in questions]
+        seqs = [self.prompt_ids(q) + t for q, t in zip(questions, tails)]
         ids, mask, pos = (t.to(self.device) for t in _left_pad(seqs, self.pad_id))
         out = self.janus.model.language_model(inputs_embeds=self._splice(ids, image_embeds),
                                               attention_mask=mask, position_ids=pos)
         labels = torch.full_like(ids, -100)
-        if answers:
-            for i, q in enumerate(questions):
-                n_ans = len(seqs[i]) - len(self.prompt_ids(q))
-                labels[i, -n_ans:] = ids[i, -n_ans:]
+        for i, t in enumerate(tails):
+            if t:  # left padding: the answer tokens are the last ones
+                labels[i, -len(t):] = ids[i, -len(t):]
         return self.janus.lm_head(out.last_hidden_state), labels
 
     def answer_loss(self, image_embeds, questions, answers):

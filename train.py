@@ -319,8 +319,10 @@ def load_checkpoint():
     tensors = load_file(os.path.join(ckpt_dir, ckpt_meta["buffer"][0]))
     with open(os.path.join(ckpt_dir, ckpt_meta["buffer"][1])) as f:
         items = json.load(f)
-    for i, item in enumerate(items):
-        item.update({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)})
+    for k, v in tensors.items():  # "{item index}.{key}" -> that item's tensor
+        if k != "H":
+            i, key = k.split(".", 1)
+            items[int(i)][key] = v
     buffer.load_state_dict({"capacity": buffer_capacity, "temperature": buffer_temperature, "H": tensors["H"], "items": items})
     return ckpt_meta["iter_num"]
 
@@ -383,12 +385,13 @@ while iter_num < max_iters:
                 ref = umm.image_embeds(pixels).mean(1)  # s is measured against the real image of the same text
                 cands = []  # (understanding embeds, pixels, CE, what the buffer stores of each candidate)
                 if mine == "decode":  # this batch's adversarial images, plus jittered draws of the perturber
+                    clean_u8 = umm.to_uint8(pixels) if perturb_at == "aligner" else None
                     for k in range(cand_k):
                         t = tokens + (delta.detach() if k == 0 else perturber(tokens, noise_std=cand_noise))
                         e, px = (emb_adv.detach(), px_adv) if k == 0 else umm.perturbed_view(t, perturb_at)
                         ce = ce_adv.detach() if k == 0 else umm.answer_loss(e, questions, answers)
                         store = ({"codes": umm.project_to_codebook(t)[1]} if perturb_at == "vq" else
-                                 {"image": umm.to_uint8(pixels), "delta": (t - tokens).half()})
+                                 {"image": clean_u8, "delta": (t - tokens).half()})
                         cands.append((e, px, ce, store))
                 else:  # 'generate': the generation branch draws images of the text, the perturber steering each token
                     prompts = [c or q for c, q in zip(captions, questions)]
@@ -414,7 +417,8 @@ while iter_num < max_iters:
                 items = []
                 for j in keep.tolist():
                     k, i = divmod(j, B)
-                    items.append({**{key: v[i].cpu() for key, v in cands[k][3].items()},
+                    # clone: an item owns its tensors, rather than keeping its whole batch alive as a view
+                    items.append({**{key: v[i].cpu().clone() for key, v in cands[k][3].items()},
                                   "question": questions[i], "answer": answers[i], "source": batch["sources"][i]})
                 buffer.push(H[keep].cpu(), items)
             logs.update(s=s.mean().item(), kept=len(items), buffer=len(buffer))
