@@ -16,6 +16,7 @@ DataLoader workers, come back in each batch as batch["skipped"], so the training
 them across worker processes.
 """
 
+import itertools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 # -----------------------------------------------------------------------------
 # the shapes world: 32x32 images of one or two coloured shapes, drawn from a seed
@@ -77,6 +78,9 @@ def render(attrs, rng=None):
         rng = np.random.default_rng(0) if rng is None else rng
         image += rng.normal(0, 255 * attrs["noise"], image.shape).astype(np.float32)
     return image.clip(0, 255).round().astype(np.uint8)
+
+
+DESCRIBE = "describe the image."  # the understanding question whose answer is the caption (train.py's caption_p)
 
 
 def caption(attrs):
@@ -441,30 +445,52 @@ def collate(samples):
             "skipped": [(s["source"], s["bad"]) for s in samples if "bad" in s]}
 
 
+class EpochSampler(DistributedSampler):
+    """This process's share of the indices of one epoch, shuffled from (seed, epoch) alone, and
+    started `start` indices in. Because an epoch's order is a pure function of its number, a resumed
+    run can land at any point of any epoch by skipping indices: the samples it skips are never loaded.
+    Without a process group it is the only replica (rank 0 of 1)."""
+
+    def __init__(self, dataset, shuffle=True, seed=0, drop_last=True):
+        single = not (dist.is_available() and dist.is_initialized())
+        super().__init__(dataset, num_replicas=1 if single else None, rank=0 if single else None,
+                         shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return max(0, super().__len__() - self.start)
+
+
 def make_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0, drop_last=True):
-    """A DataLoader of collated batches. Under torch.distributed each rank reads its own shard
-    through a DistributedSampler (rank and world size from the process group), whose order only
-    changes when set_epoch is called: iterate with infinite_batches, which does that."""
-    if dist.is_available() and dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    elif shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=drop_last, persistent_workers=num_workers > 0)
+    """A DataLoader of collated batches. Under torch.distributed each rank reads its own shard (rank
+    and world size from the process group). The order changes only when the epoch does: iterate with
+    infinite_batches, which sets it. The loader has its own generator, so starting an epoch never
+    draws from torch's global RNG (which drives dropout and the perturber's jitter)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed, drop_last),
+                      num_workers=num_workers, collate_fn=collate, drop_last=drop_last,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
-def infinite_batches(loader, epoch=0):
-    """Yield batches forever, epoch after epoch, telling a DistributedSampler the epoch so every
-    epoch is shuffled anew (the seeded RandomSampler reshuffles by itself)."""
-    if len(loader) == 0:
+def infinite_batches(loader, epoch=0, start=0):
+    """Yield batches forever, epoch after epoch, beginning with batch `start` of epoch `epoch`. Each
+    batch carries batch["position"] = (epoch, batch) of the next batch to be read: a run that saves it
+    and passes it back here resumes the data exactly where it stood. Skipped batches cost nothing:
+    the sampler leaves out their indices, so they are neither loaded nor decoded."""
+    sampler = loader.sampler
+    sampler.start = 0
+    per_epoch = len(loader)
+    if per_epoch == 0:
         raise ValueError(f"loader yields no batches ({len(loader.dataset)} samples, batch size {loader.batch_size})")
     while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        sampler.set_epoch(epoch)
+        sampler.start = start * loader.batch_size
+        for i, batch in enumerate(loader, start):
+            batch["position"] = (epoch, i + 1) if i + 1 < per_epoch else (epoch + 1, 0)
+            yield batch
+        epoch, start = epoch + 1, 0
 
 
 def make_dataset(name, split="train", n=10000, seed=0, skip_bad=False, **paths):

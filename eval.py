@@ -1,31 +1,58 @@
 """
-Evaluation of a UniGame / base checkpoint on the built-in world.
+Evaluation of a UniGame / base checkpoint on the paper's four axes: understanding, generation,
+consistency, robustness (ood split, and a fresh PGD attack at the game's interface).
 
     python eval.py --ckpt=assets/shapes-base --out_dir=out/eval-base
+    python eval.py --ckpt=out/unigame --data=vqav2 --vqav2_questions=... --vqav2_annotations=... --vqav2_images=...
+    python eval.py --compare out/eval-sft out/eval-unigame              # side by side, deltas vs the first
+    python eval.py --compare "out/eval-sft-s*" "out/eval-unigame-s*"    # each glob's runs averaged: mean ± std
+    python eval.py --buffer=out/unigame                                 # label-preservation rate of its hard buffer
 
---ckpt is a Hugging Face directory (assets/shapes-base, an export) or a training checkpoint
-(out/ckpt, whose model/ is used). Writes out_dir/eval.json and prints a table. Fractions in [0, 1].
+--ckpt is a Hugging Face directory (assets/shapes-base, an export), a training checkpoint (out/x/ckpt,
+whose model/ is used) or a training out_dir (out/x). Writes out_dir/eval.json and prints a table.
+Figures are fractions in [0, 1]; settings, attack budget and skipped axes are recorded beside them.
 """
 
+import glob
 import json
+import math
 import os
+import re
+import sys
+import time
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-import data
-from perturber import random_like
+from data import caption_qa, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, shapes_world
+from perturber import Perturber, pgd_attack, random_like
 
 # -----------------------------------------------------------------------------------------------
 ckpt = "assets/shapes-base"
 out_dir = "out/eval"
+data = "shapes"  # 'shapes' (the built-in world) | 'vqav2' | 'jsonl'
+vqav2_questions = ""  # path to v2_OpenEnded_mscoco_val2014_questions.json
+vqav2_annotations = ""  # path to v2_mscoco_val2014_annotations.json
+vqav2_images = ""  # folder of COCO val2014 images
+jsonl_path = ""  # a JSONL manifest: {"image", "question", "answers", "caption"?}
+skip_bad = False  # skip (count and report) unreadable samples instead of stopping
 n = 1000  # test (and ood) samples for understanding
-gen_n = 200  # test captions for generation
+gen_n = 200  # test captions for generation and consistency
+adv_n = 256  # test samples attacked with PGD (each costs adv_steps forward+backward passes)
 batch_size = 64
 cfg_scale = 1.0  # classifier-free guidance for generation (1: none; the shipped base was trained without
 #                 unconditional prompts, so guidance only amplifies noise there: 0.02 at 5.0 vs 0.99 at 1.0)
 temperature = 0.0  # 0: greedy image tokens
-eps = 0.3  # budget of the random perturbation (relative to token norm on codebook space): train.py's eps_max
+# the attack budget, for PGD and the random perturbation; None: as the checkpoint was trained (its
+# ckpt.json or perturber.json), else perturb_at='vq', eps=0.3 relative to token norm (train.py's defaults)
+perturb_at = None  # 'vq' | 'aligner'
+eps = None  # the budget's radius: the game's eps_max, not the perturber's learned eps, so every arm faces one attack
+eps_relative = None  # True: eps is a fraction of each token's norm
+adv_steps = 5
+adv_step_size = 0.0  # per PGD step, in the units of eps; 0: 2.5 * eps / adv_steps (crosses the ball more than once)
+buffer = ""  # a training out_dir: report the label-preservation rate of its hard buffer instead of evaluating
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------------------------
@@ -38,38 +65,152 @@ def _batches(records, size, progress, desc):
 
 
 def _pixels(umm, chunk):
-    return umm.preprocess([r["image"] if torch.is_tensor(r["image"]) else data.load_image(r["image"]) for r in chunk])
+    return umm.preprocess([r["image"] if torch.is_tensor(r["image"]) else load_image(r["image"]) for r in chunk])
 
 
-def answer_score(pred, answers):
-    """Exact match for single-answer data; min(#matching annotators / 3, 1) with several answers."""
-    if len(answers) == 1:
-        return float(pred == answers[0])
-    return min(sum(a == pred for a in answers) / 3.0, 1.0)
+def _mean(xs):
+    return sum(xs) / max(1, len(xs))
 
+
+# ---- answers: exact match on the world, the official VQA accuracy on real data ------------------
+# The normalisation of the official VQA evaluation (processPunctuation, then processDigitArticle).
+
+PUNCTUATION = frozenset(';/[]"{}()=+\\_-><@`,?!')  # "." and "'" are not here: periods have their own rule
+COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d")
+# The official pattern is "(?!<=\d)(\.)(?!\d)"; its first group is a lookahead that never fires (a typo
+# for a lookbehind), so what it does is this: drop a period unless a digit follows ("3.5" stays, "dog." goes).
+PERIOD = re.compile(r"\.(?!\d)")
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = frozenset({"a", "an", "the"})
+# The official table of contractions written without (all of) their apostrophes. Its one odd entry,
+# "somebody'd" -> "somebodyd", is kept as it is, so that scores match the official script.
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've"}
+
+
+def process_punctuation(text):
+    """Each punctuation mark is deleted when it touches a space somewhere in the text ("yes, it is") or
+    when the text has a comma between digits ("1,000" -> "1000"), and becomes a space otherwise
+    ("red-white" -> "red white"); then periods not followed by a digit are dropped."""
+    strip = COMMA_BETWEEN_DIGITS.search(text) is not None
+    out = text
+    for p in PUNCTUATION:
+        out = out.replace(p, "" if strip or p + " " in text or " " + p in text else " ")
+    return PERIOD.sub("", out)
+
+
+def process_digit_article(text):
+    """Lower-case; number words to digits ("two" -> "2", "none" -> "0"); articles dropped; contractions
+    restored ("dont" -> "don't"); words rejoined by single spaces."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def normalize_answer(text):
+    return process_digit_article(process_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+
+
+def vqa_accuracy(pred, answers):
+    """The official VQA accuracy: with the prediction and every annotator's answer normalised, the mean
+    over the leave-one-annotator-out subsets of min(#matches among the others / 3, 1) (ten subsets of
+    nine on VQAv2). A single answer is a normalised exact match.
+
+    Unlike the official script, which normalises only when the annotators disagree (so that "two"
+    scores 0 against ten "2"s) and applies the digit/article step to the prediction alone (VQAv2's
+    answers are stored normalised), we normalise both sides always, so raw JSONL answers work too."""
+    p, gts = normalize_answer(pred), [normalize_answer(a) for a in answers]
+    if len(gts) == 1:
+        return float(p == gts[0])
+    hits = [g == p for g in gts]
+    return _mean([min((sum(hits) - h) / 3.0, 1.0) for h in hits])
+
+
+def answer_score(pred, answers, vqa=False):
+    """Exact match on the built-in world (one templated answer); the official VQA accuracy on real data."""
+    return vqa_accuracy(pred, answers) if vqa else float(pred == answers[0])
+
+
+def label(record):
+    """The answer trained and attacked on: the annotators' most common (first on ties), as in train.py."""
+    return max(record["answers"], key=record["answers"].count)
+
+
+# ---- understanding, generation, consistency ------------------------------------------------------
 
 @torch.no_grad()
 def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
-    """Mean answer score of greedy answers. `embed` maps pixels to the understanding embeds the model
-    answers from (default: umm.image_embeds; see perturbed_embed)."""
+    """Mean answer score of greedy answers: exact match on world samples, VQA accuracy on real ones
+    (attrs None). `embed` maps pixels to the understanding embeds the model answers from (default:
+    umm.image_embeds; see perturbed_embed)."""
     scores = []
     for chunk in _batches(records, batch_size, progress, desc):
         px = _pixels(umm, chunk)
         preds = umm.answer((embed or umm.image_embeds)(px), [r["question"] for r in chunk])
-        scores += [answer_score(p, r["answers"]) for p, r in zip(preds, chunk)]
-    return sum(scores) / max(1, len(scores))
+        scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
+    return _mean(scores)
 
 
 @torch.no_grad()
-def generation_score(umm, records, cfg_scale=1.0, temperature=0.0, batch_size=64, seed=0, progress=True):
-    """GenEval-style: the oracle reads every object of the caption back from the generated image."""
+def generate_images(umm, records, cfg_scale=1.0, temperature=0.0, batch_size=64, seed=0, progress=True):
+    """uint8 images (3, S, S) the model generates from each record's caption."""
     g = torch.Generator(device=umm.device).manual_seed(seed)
-    scores = []
+    images = []
     for chunk in _batches(records, batch_size, progress, "generation"):
         codes = umm.generate_images([r["caption"] for r in chunk], cfg_scale=cfg_scale, temperature=temperature, generator=g)
-        images = umm.to_uint8(umm.decode_codes(codes))
-        scores += [data.oracle_score(im, r["attrs"]) for im, r in zip(images, chunk)]
-    return sum(scores) / max(1, len(scores))
+        images += list(umm.to_uint8(umm.decode_codes(codes)))
+    return images
+
+
+def oracle_accuracy(images, records):
+    """GenEval-style: the share of images in which the oracle reads exactly the objects of their record."""
+    return _mean([oracle_score(im, r["attrs"]) for im, r in zip(images, records)])
+
+
+def generation_score(umm, records, cfg_scale=1.0, temperature=0.0, batch_size=64, seed=0, progress=True):
+    """Oracle score of images generated from the records' captions."""
+    return oracle_accuracy(generate_images(umm, records, cfg_scale, temperature, batch_size, seed, progress), records)
+
+
+@torch.no_grad()
+def consistency_score(umm, images, records, batch_size=64, progress=True):
+    """The model, shown the image it generated from a caption (images[i] from records[i]["caption"]),
+    answers the questions that caption settles (data.caption_qa); exact-match accuracy over all
+    (image, question) pairs. The images go through preprocess as any picture would."""
+    embeds = torch.cat([umm.image_embeds(umm.preprocess(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    pairs = [(i, q, a) for i, r in enumerate(records) for q, a in caption_qa(r["attrs"])]
+    correct = []
+    for chunk in _batches(pairs, batch_size, progress, "consistency"):
+        preds = umm.answer(embeds[torch.tensor([i for i, _, _ in chunk], device=embeds.device)], [q for _, q, _ in chunk])
+        correct += [p == a for p, (_, _, a) in zip(preds, chunk)]
+    return _mean(correct)
 
 
 @torch.no_grad()
@@ -78,9 +219,11 @@ def reconstruction_score(umm, records, batch_size=64, progress=True):
     scores = []
     for chunk in _batches(records, batch_size, progress, "reconstruction"):
         rec = umm.vq_decode(umm.project_to_codebook(umm.vq_encode(_pixels(umm, chunk)))[0])
-        scores += [data.oracle_score(im, r["attrs"]) for im, r in zip(umm.to_uint8(rec), chunk)]
-    return sum(scores) / max(1, len(scores))
+        scores += [oracle_score(im, r["attrs"]) for im, r in zip(umm.to_uint8(rec), chunk)]
+    return _mean(scores)
 
+
+# ---- robustness: perturbations at the game's interface ------------------------------------------
 
 def perturbed_embed(umm, delta_fn, at="vq"):
     """pixels -> understanding embeds of the perturbed view: tokens at the interface `at`, plus
@@ -97,6 +240,36 @@ def random_delta(eps, relative=True, seed=0, device="cpu"):
     return lambda tokens: random_like(tokens, eps, relative=relative, generator=g)
 
 
+def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, steps=5, step_size=None, generator=None):
+    """A fresh attack on the answer: L2 PGD on δ (perturber.pgd_attack) that maximises the answer
+    cross-entropy of the view umm.perturbed_view(tokens + δ, at). At 'vq' the projection onto the
+    codebook is straight-through, so the gradient reaches δ through decoder, vision encoder and LM."""
+    def loss_fn(t):
+        return umm.answer_loss(umm.perturbed_view(t, at)[0], questions, answers)
+    return pgd_attack(loss_fn, tokens, eps, steps, step_size, relative, generator)
+
+
+def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5, step_size=None, batch_size=64,
+                         seed=0, progress=True):
+    """robustness_adv: accuracy under a PGD attack of budget eps at the interface `at`, a fresh one per
+    batch (not the trained perturber). Returns {"accuracy", "accuracy_zero_delta", "ce_zero_delta",
+    "ce_attacked"}: accuracy and mean answer cross-entropy of the same samples without and with the
+    attack, both through the same view (at 'vq': the VQ reconstruction), so the gap is the attack's alone."""
+    g = torch.Generator(device=umm.device).manual_seed(seed)
+    acc0, acc1, ce0, ce1 = [], [], [], []
+    for chunk in _batches(records, batch_size, progress, f"PGD attack ({steps} steps)"):
+        questions, answers = [r["question"] for r in chunk], [label(r) for r in chunk]
+        with torch.no_grad():
+            tokens = umm.visual_tokens(_pixels(umm, chunk), at)
+        delta = pgd_delta(umm, tokens, questions, answers, at, eps, relative, steps, step_size, g)
+        with torch.no_grad():
+            for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1)):
+                emb = umm.perturbed_view(tokens + d, at)[0]
+                ce.extend(umm.answer_loss(emb, questions, answers).tolist())
+                acc.extend(answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(umm.answer(emb, questions), chunk))
+    return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1)}
+
+
 def evaluate(umm, records, gen_n=0, progress=True, **gen_kw):
     """Quick figures used during training: understanding, generation (gen_n captions) and the
     oracle's reading of VQ reconstructions, on `records` (samples of the built-in world)."""
@@ -107,33 +280,307 @@ def evaluate(umm, records, gen_n=0, progress=True, **gen_kw):
     return res
 
 
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def checkpoint(path):
+    """(model directory, ckpt.json contents or {}, checkpoint directory or None) for --ckpt: a Hugging Face
+    directory, a training checkpoint (holding ckpt.json) or a training out_dir (holding ckpt/)."""
+    if os.path.isfile(os.path.join(path, "ckpt", "ckpt.json")):
+        path = os.path.join(path, "ckpt")
+    if os.path.isfile(os.path.join(path, "ckpt.json")):
+        with open(os.path.join(path, "ckpt.json")) as f:
+            meta = json.load(f)
+        return os.path.join(path, meta.get("model", "model")), meta, path
+    return path, {}, None
+
+
 def load(path, device):
     from model import UMM
-    if os.path.isfile(os.path.join(path, "ckpt.json")):
-        path = os.path.join(path, "model")
-    return UMM.from_pretrained(path).to(device).eval()
+    return UMM.from_pretrained(checkpoint(path)[0]).to(device).eval().requires_grad_(False)
 
 
+def _perturber_export(path):
+    """The folder holding a standalone perturber export (perturber.safetensors + perturber.json, as
+    model.save_perturber writes it beside an exported model): --ckpt itself or its model directory."""
+    for folder in dict.fromkeys([path, checkpoint(path)[0]]):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in ("perturber.safetensors", "perturber.json")):
+            return folder
+    return None
+
+
+def trained_budget(path):
+    """The game's settings a checkpoint was trained with, {"perturb_at", "eps_min", "eps_max", "relative",
+    "from"}: from its perturber.json, else its training config (ckpt.json), else train.py's defaults
+    ('vq', eps in [0, 0.3] relative to token norm)."""
+    cfg = checkpoint(path)[1].get("config", {})
+    spec = {"perturb_at": cfg.get("perturb_at", "vq"), "eps_min": cfg.get("eps_min", 0.0),
+            "eps_max": cfg.get("eps_max", 0.3), "relative": cfg.get("eps_relative", True),
+            "from": "ckpt.json" if cfg else "defaults"}
+    folder = _perturber_export(path)
+    if folder:
+        with open(os.path.join(folder, "perturber.json")) as f:
+            saved = json.load(f)
+        spec.update({k: saved[k] for k in ("perturb_at", "eps_min", "eps_max", "relative") if k in saved})
+        spec["from"] = os.path.join(folder, "perturber.json")
+    return spec
+
+
+def own_perturber(path, device="cpu"):
+    """The checkpoint's own trained perturber: (Perturber, its settings) or (None, why there is none).
+
+    Read from a standalone export (perturber.safetensors + perturber.json) in --ckpt or its model
+    directory, else from the `perturber.*` tensors of a training checkpoint's state with the budget of its
+    config. A training checkpoint whose optimizer holds no perturber moments (an SFT run, or a perturber
+    that never stepped) has only an untrained perturber, and that is not reported as its own."""
+    _, meta, ckpt_dir = checkpoint(path)
+    if ckpt_dir is not None:
+        optim = os.path.join(ckpt_dir, meta.get("optimizer", "optim.safetensors"))
+        if os.path.isfile(optim):
+            with safe_open(optim, "pt") as f:
+                if not any(k.startswith("perturber.") for k in f.keys()):
+                    return None, (f"the perturber of {ckpt_dir} never trained (game={meta.get('config', {}).get('game')}, "
+                                  "no optimizer moments)")
+    folder = _perturber_export(path)
+    if folder:
+        from model import load_perturber
+        perturber, _ = load_perturber(folder, device)
+        return perturber.eval().requires_grad_(False), {**trained_budget(path), "eps": perturber.eps.item(),
+                                                         "source": os.path.join(folder, "perturber.safetensors")}
+    if ckpt_dir is None:
+        return None, f"{path} has no perturber.safetensors + perturber.json and is not a training checkpoint"
+    source = os.path.join(ckpt_dir, meta.get("state", "state.safetensors"))
+    tensors = {k.removeprefix("perturber."): v for k, v in load_file(source).items() if k.startswith("perturber.")}
+    if not tensors:
+        return None, f"{source} holds no perturber tensors"
+    spec = trained_budget(path)
+    hidden, dim = tensors["net.0.weight"].shape
+    lo, hi = float(spec["eps_min"]), float(spec["eps_max"])
+    perturber = Perturber(dim, hidden, lo, hi, eps_init=(lo + hi) / 2, relative=bool(spec["relative"]))  # θ_ε is loaded
+    perturber.load_state_dict(tensors)
+    perturber.to(device).eval().requires_grad_(False)
+    return perturber, {**spec, "eps": perturber.eps.item(), "source": source}
+
+
+# ---- the hard buffer's labels ------------------------------------------------------------------------
+
+def answer_from_attrs(question, attrs):
+    """The answer a world question has in a scene (attrs as data.read_attrs reads them), or None when
+    it names no single object there ("what color is the circle?" with no circle, or two)."""
+    objs = attrs["objects"]
+
+    def of_the_one(key, value, field):
+        hits = [o for o in objs if o[key] == value]
+        return hits[0][field] if len(hits) == 1 else None
+
+    if m := re.fullmatch(r"what color is the (\w+)\?", question):
+        return of_the_one("shape", m[1], "color")
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", question):
+        return of_the_one("color", m[1], "shape")
+    if m := re.fullmatch(r"where is the (\w+)\?", question):
+        return of_the_one("shape", m[1], "pos")
+    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
+        return "yes" if any((o["color"], o["shape"]) == (m[1], m[2]) for o in objs) else "no"
+    if question == "how many shapes are there?":
+        return str(len(objs))
+    raise ValueError(f"not a question of the built-in world: {question!r}")
+
+
+def read_buffer(ckpt_dir, meta):
+    """The hard buffer of a training checkpoint as train.py wrote it: items (dicts) and their H."""
+    tensors_file, items_file = meta.get("buffer", ["buffer.safetensors", "buffer.json"])
+    tensors = load_file(os.path.join(ckpt_dir, tensors_file))
+    with open(os.path.join(ckpt_dir, items_file)) as f:
+        items = json.load(f)
+    for k, v in tensors.items():  # "{item index}.{key}" -> that item's tensor
+        if k != "H":
+            i, key = k.split(".", 1)
+            items[int(i)][key] = v
+    return items, tensors["H"]
+
+
+@torch.no_grad()
+def label_preservation(run, device="cpu", batch_size=64, progress=True):
+    """The share of a run's buffered hard samples whose label still holds: each item's codes are decoded
+    to its image, the oracle reads the objects, and the item's question is answered from that reading
+    (answer_from_attrs); the label holds when that answer is the stored one. Also the stricter scene
+    preservation: the oracle reads exactly the objects of the source sample (re-drawn from its
+    "shapes/{split}/{i}" source with the world seed train.py uses, 0, and checked by its question)."""
+    model_dir, meta, ckpt_dir = checkpoint(run)
+    if ckpt_dir is None:
+        raise SystemExit(f"--buffer={run}: no training checkpoint there (ckpt.json or ckpt/ckpt.json)")
+    cfg = meta.get("config", {})
+    items, H = read_buffer(ckpt_dir, meta)
+    res = {"buffer_rule": cfg.get("buffer_rule"), "tau": cfg.get("tau"), "q_hard": cfg.get("q_hard"),
+           "consistency_scorer": "clip" if cfg.get("clip_path") else "built-in", "perturb_at": cfg.get("perturb_at"),
+           "mine": cfg.get("mine"), "iter": meta.get("iter_num"), "buffer_size": len(items), "checkpoint": ckpt_dir}
+    world = [it for it in items if str(it.get("source", "")).startswith("shapes/")]
+    if not world or "codes" not in world[0]:
+        why = ("the buffer is empty" if not items else "no item comes from the built-in world" if not world else
+               "its items are an image plus an LM-space delta (perturb_at='aligner'), not a picture the oracle can read")
+        return {**res, "count": 0, "label_preservation": None, "scene_preservation": None, "note": why}
+    where = [(it["source"].split("/")[1], int(it["source"].split("/")[2])) for it in world]
+    originals = {s: shapes_world(s, max(i for t, i in where if t == s) + 1, seed=0) for s in {s for s, _ in where}}
+    umm = load(model_dir, device)
+    labels, scenes = [], []
+    for start in tqdm(range(0, len(world), batch_size), desc="buffer", leave=False, disable=not progress):
+        chunk = world[start:start + batch_size]
+        images = umm.to_uint8(umm.decode_codes(torch.stack([it["codes"] for it in chunk]).to(umm.device)))
+        for im, it, (s, i) in zip(images, chunk, where[start:start + batch_size]):
+            source = originals[s][i]
+            if source["question"] != it["question"]:
+                raise SystemExit(f"{it['source']}: the world re-drawn with seed 0 asks {source['question']!r}, the buffer "
+                                 f"item {it['question']!r}; was the run's world drawn with another seed?")
+            labels.append(answer_from_attrs(it["question"], read_attrs(im)) == it["answer"])
+            scenes.append(oracle_score(im, source["attrs"]))
+    return {**res, "count": len(labels), "label_preservation": _mean(labels), "scene_preservation": _mean(scenes),
+            "mean_H": H.double().mean().item()}
+
+
+# ---- comparing runs -------------------------------------------------------------------------------
+
+def compare(patterns):
+    """A table of the eval.json figures of several runs side by side, deltas against the first column.
+    Each argument is a directory holding eval.json (or the file itself) or a glob of them; a glob's
+    runs are averaged: mean ± sample standard deviation, over the runs that have the figure."""
+    groups = []
+    for pattern in patterns:
+        files = [p if p.endswith(".json") else os.path.join(p, "eval.json") for p in sorted(glob.glob(pattern))]
+        files = [f for f in files if os.path.isfile(f)]
+        if not files:
+            raise SystemExit(f"--compare: no eval.json matches {pattern!r}")
+        runs = []
+        for f in files:
+            with open(f) as fh:
+                runs.append(json.load(fh))
+        groups.append((pattern, runs))
+    keys = []  # every numeric figure, in the order it first appears
+    for _, runs in groups:
+        for r in runs:
+            keys += [k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys]
+
+    def stats(runs, key):
+        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if not vals:
+            return None
+        m = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        return m, sd, len(vals)
+
+    header = ["metric"]
+    for j, (pattern, runs) in enumerate(groups):
+        header.append(f"{pattern} ({len(runs)} run{'s' * (len(runs) > 1)})")
+        if j:
+            header.append("Δ")
+    rows = [header]
+    for key in keys:
+        row, first = [key], stats(groups[0][1], key)
+        for j, (_, runs) in enumerate(groups):
+            s = stats(runs, key)
+            cell = "—" if s is None else f"{s[0]:.3f}" + (f" ± {s[1]:.3f}" if len(runs) > 1 else "")
+            if s is not None and s[2] < len(runs):
+                cell += f" [{s[2]} of {len(runs)}]"
+            row.append(cell)
+            if j:
+                row.append("—" if s is None or first is None else f"{s[0] - first[0]:+.3f}")
+        rows.append(row)
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in rows)
+
+
+# -----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--compare"]:  # before the configurator, which would read the directories as config files
+        print(compare(sys.argv[2:]))
+        sys.exit(0)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    t_start = time.time()
+
+    if buffer:
+        res = label_preservation(buffer, device)
+        path = os.path.join(buffer, "label_preservation.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+        for k, v in res.items():
+            print(f"{k:<22}{v:.3f}" if isinstance(v, float) else f"{k:<22}{v}")
+        print(f"wrote {path}")
+        sys.exit(0)
+
     torch.manual_seed(seed)
+    model_dir, meta, _ = checkpoint(ckpt)
     umm = load(ckpt, device)
-    test = data.shapes_world("test", n, seed=seed)
-    ood = data.shapes_world("ood", n, seed=seed)
-    res = {
-        "understanding": understanding_accuracy(umm, test, batch_size=batch_size),
-        "generation": generation_score(umm, test[:gen_n], cfg_scale, temperature, batch_size, seed),
-        "reconstruction": reconstruction_score(umm, test, batch_size=batch_size),
-        "robustness_ood": understanding_accuracy(umm, ood, batch_size=batch_size, desc="ood"),
-        "understanding_random_perturb": understanding_accuracy(
-            umm, test, perturbed_embed(umm, random_delta(eps, seed=seed, device=device)), batch_size, desc="random perturbation"),
-    }
-    meta = {"ckpt": ckpt, "n": n, "gen_n": gen_n, "cfg_scale": cfg_scale, "temperature": temperature,
-            "random_perturb_eps": eps, "seed": seed}
+    own, own_info = own_perturber(ckpt, device)
+    # the attack's budget and interface: the flags, else as the checkpoint was trained
+    trained = trained_budget(ckpt)
+    at = perturb_at or trained["perturb_at"]
+    radius = eps if eps is not None else trained["eps_max"]
+    relative = eps_relative if eps_relative is not None else trained["relative"]
+    step_size = adv_step_size or 2.5 * radius / max(adv_steps, 1)  # pgd_attack's own default, recorded
+
+    if data == "shapes":
+        test, ood = shapes_world("test", n, seed=seed), shapes_world("ood", n, seed=seed)
+    elif data == "vqav2":
+        if not (vqav2_questions and vqav2_annotations and vqav2_images):
+            raise SystemExit("config error: data='vqav2' needs --vqav2_questions, --vqav2_annotations and --vqav2_images")
+        test = load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)[:n]
+    elif data == "jsonl":
+        if not jsonl_path:
+            raise SystemExit("config error: data='jsonl' needs --jsonl_path")
+        test = load_jsonl(jsonl_path, skip_bad=skip_bad)[:n]
+    else:
+        raise SystemExit(f"config error: data={data!r}: expected 'shapes', 'vqav2' or 'jsonl'")
+    captioned = test[:gen_n]
+
+    res, skipped, seconds = {}, {}, {}
+    t_axes = time.time()
+
+    def record(key, value):  # a figure, and the seconds since the previous one (what it took to compute)
+        res[key] = value
+        seconds[key] = time.time() - t_axes - sum(seconds.values())
+
+    record("understanding", understanding_accuracy(umm, test, batch_size=batch_size))
+    if data == "shapes":
+        images = generate_images(umm, captioned, cfg_scale, temperature, batch_size, seed)  # generated once, used twice
+        record("generation", oracle_accuracy(images, captioned))
+        record("consistency", consistency_score(umm, images, captioned, batch_size))
+        record("robustness_ood", understanding_accuracy(umm, ood, batch_size=batch_size, desc="ood"))
+    else:
+        for k in ("generation", "consistency", "robustness_ood"):
+            skipped[k] = "needs the built-in world (captions, the oracle, the ood split)"
+    attack = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps, step_size, batch_size, seed)
+    record("robustness_adv", attack.pop("accuracy"))
+    attack = {"perturb_at": at, "eps": radius, "relative": relative, "steps": adv_steps, "step_size": step_size,
+              "n": len(test[:adv_n]), **attack}
+    random_view = perturbed_embed(umm, random_delta(radius, relative, seed, device), at)
+    record("understanding_random_perturb", understanding_accuracy(umm, test, random_view, batch_size, desc="random perturbation"))
+    if own is not None:
+        own_view = perturbed_embed(umm, own, own_info["perturb_at"])
+        record("understanding_own_perturber", understanding_accuracy(umm, test, own_view, batch_size, desc="own perturber"))
+    else:
+        skipped["understanding_own_perturber"] = own_info
+    if data == "shapes":
+        record("reconstruction", reconstruction_score(umm, test, batch_size=batch_size))
+
+    settings = {"ckpt": ckpt, "model": model_dir, "n": len(test), "gen_n": len(captioned) if data == "shapes" else 0,
+                "cfg_scale": cfg_scale, "temperature": temperature, "seed": seed, "trained_iters": meta.get("iter_num"),
+                "game": meta.get("config", {}).get("game"), "budget_from": trained["from"] if eps is None else "flags",
+                "total_s": round(time.time() - t_start, 1)}
+    out = {**res, "data": data, "robustness_adv_attack": attack,
+           "random_perturb": {"perturb_at": at, "eps": radius, "relative": relative},
+           "own_perturber": own_info if own is not None else None, "skipped": skipped,
+           "seconds": {k: round(v, 1) for k, v in seconds.items()}, "settings": settings}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({**res, "settings": meta}, f, indent=2)
-    print(f"{'metric':<30}{'value':>8}")
+        json.dump(out, f, indent=2)
+    print(f"{'metric':<30}{'value':>8}   ({data}, {ckpt})")
     for k, v in res.items():
         print(f"{k:<30}{v:>8.3f}")
-    print(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    for k, why in skipped.items():
+        print(f"{k:<30}{'—':>8}   skipped: {why}")
+    print(f"attack: PGD at '{at}', eps {radius:g} ({'relative to token norm' if relative else 'absolute'}), "
+          f"{adv_steps} steps of {step_size:.3g}, {attack['n']} samples: accuracy {attack['accuracy_zero_delta']:.3f} -> "
+          f"{res['robustness_adv']:.3f}, answer CE {attack['ce_zero_delta']:.3f} -> {attack['ce_attacked']:.3f}")
+    if own is not None:
+        print(f"own perturber: at '{own_info['perturb_at']}', eps {own_info['eps']:.3f} of [{own_info['eps_min']}, "
+              f"{own_info['eps_max']}], from {own_info['source']}")
+    print(f"wrote {os.path.join(out_dir, 'eval.json')} in {time.time() - t_start:.0f}s")

@@ -21,8 +21,11 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, DynamicCache, JanusConfig, JanusForConditionalGeneration,
-                          JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast)
+                          JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast, StaticCache)
+
+from perturber import Perturber
 
 # Janus-Pro's special tokens, spelled exactly as in its tokenizer.
 PAD, BOS, EOS = "<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -177,6 +180,11 @@ class UMM(nn.Module):
             raise ValueError(f"tokenizer's {IMAGE} is id {ids[IMAGE]} but config.image_token_id is {cfg.image_token_id}")
         self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
         self.image_id, self.boi_id = ids[IMAGE], ids[BOI]
+        # transformers' generate(generation_mode="image") reads BOI from here. Saved with the model only if
+        # the generation config is marked as not derived from the model config (else loading drops it).
+        gc = janus.generation_config
+        gc.generation_kwargs = {**(getattr(gc, "generation_kwargs", None) or {}), "boi_token_id": self.boi_id}
+        gc._from_model_config = False
 
     # ---- loading and saving -------------------------------------------------------------------
 
@@ -189,18 +197,27 @@ class UMM(nn.Module):
         janus = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         kw = {}
-        pre = _read_json(os.path.join(path, "preprocessor_config.json"))
+        proc = _read_json(os.path.join(path, "processor_config.json"))
+        # older directories keep the image processor in preprocessor_config.json; transformers 5 nests it here
+        pre = _read_json(os.path.join(path, "preprocessor_config.json")) or proc.get("image_processor", {})
         if pre:
             kw.update(image_mean=float(pre.get("image_mean", [0.5])[0]), image_std=float(pre.get("image_std", [0.5])[0]),
                       min_size=int(pre.get("min_size", 14)))
-        proc = _read_json(os.path.join(path, "processor_config.json"))
         if proc.get("use_default_system_prompt"):
             kw["system_prompt"] = JANUS_SYSTEM_PROMPT
         return cls(janus, tokenizer, **kw)
 
     @classmethod
-    def from_config(cls, config, tokenizer, **kw):
-        return cls(JanusForConditionalGeneration(config), tokenizer, **kw)
+    def from_config(cls, config, tokenizer, aligner_init_scale=0.1, **kw):
+        """A freshly initialised model. The aligner's last layer starts small (x0.1), so that image
+        tokens enter the LM near the scale of the text embeddings; in the base recipe's probe this
+        (with train.py's caption_p) mattered more than any other change (README, base model)."""
+        janus = JanusForConditionalGeneration(config)
+        with torch.no_grad():
+            last = ([janus.model.aligner.fc1] + list(janus.model.aligner.hidden_layers))[-1]
+            last.weight.mul_(aligner_init_scale)
+            last.bias.mul_(aligner_init_scale)
+        return cls(janus, tokenizer, **kw)
 
     def save_pretrained(self, path, dtype=None):
         """Write a Hugging Face directory (config.json, model.safetensors, tokenizer files) with any
@@ -263,10 +280,15 @@ class UMM(nn.Module):
     # ---- understanding --------------------------------------------------------------------------
 
     def prompt_ids(self, question):
-        """Janus-Pro's understanding prompt, as its chat template and JanusProcessor lay it out."""
-        image = BOI + IMAGE * self.num_image_tokens + EOI
-        text = f"{self.system_prompt}{USER}: {image}\n{question.strip()}\n\n{ASSISTANT}:"
-        return self.tokenizer(text).input_ids
+        """Janus-Pro's understanding prompt, as its chat template and JanusProcessor lay it out.
+
+        Tokenized with one image placeholder, which is then repeated num_image_tokens times: the
+        tokenizer splits added special tokens out before BPE, so the ids are exactly those of the prompt
+        with all N placeholders, and the 576 of Janus-Pro cost 0.5 ms a prompt instead of 3.7 ms."""
+        text = f"{self.system_prompt}{USER}: {BOI}{IMAGE}{EOI}\n{question.strip()}\n\n{ASSISTANT}:"
+        ids = self.tokenizer(text).input_ids
+        at = ids.index(self.image_id)
+        return ids[:at] + [self.image_id] * self.num_image_tokens + ids[at + 1:]
 
     def answer_ids(self, answer):
         return self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids + [self.eos_id]
@@ -451,43 +473,91 @@ class UMM(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").mean(1)
 
     @torch.no_grad()
-    def generate_images(self, captions, cfg_scale=5.0, temperature=1.0, generator=None, token_hook=None):
+    def generate_images(self, captions, cfg_scale=5.0, temperature=1.0, generator=None, token_hook=None,
+                        static_cache=None):
         """Autoregressive image codes (B, N) with classifier-free guidance and a KV cache.
 
         The unconditional half of the batch is the same prompt with every token but BOS and BOI
         replaced by padding (as Janus-Pro and transformers do). temperature=0 is greedy.
         token_hook, if given, maps each generated token's codebook-space vector (B, C) to a new
         vector before it is fed back; the result is snapped to the nearest code (the generation
-        stays on the decoder's manifold) and that code is kept. This is where a perturber plugs in."""
-        B = len(captions)
+        stays on the decoder's manifold) and that code is kept. This is where a perturber plugs in.
+
+        static_cache: gpt-fast's recipe -- the KV cache allocated once for the whole sequence and the
+        attention mask built up front, so every decode step has the same shapes, and on CUDA that step
+        compiled with CUDA graphs (torch.compile mode='reduce-overhead'), which takes away the per-token
+        launch overhead that dominates a decode step. None: on CUDA only (on CPU there is no launch
+        overhead to save and compiling costs seconds). Both caches give the same codes.
+
+        Generation is inference: it runs in eval mode -- no dropout, and no gradient checkpointing,
+        which in train mode silently drops the KV cache -- and leaves every module's mode as it was."""
+        B, N = len(captions), self.num_image_tokens
         ids, mask, pos = (t.to(self.device) for t in _left_pad([self.generation_prompt_ids(c) for c in captions], self.pad_id))
         guided = cfg_scale is not None and cfg_scale != 1.0
         if guided:
             uncond = ids.clone()
             uncond[(uncond != self.bos_id) & (uncond != self.boi_id)] = self.pad_id
             ids, mask, pos = torch.cat([ids, uncond]), torch.cat([mask, mask]), torch.cat([pos, pos])
-        lm, cache = self.janus.model.language_model, DynamicCache()
-        embeds = lm.get_input_embeddings()(ids)
-        codes = torch.zeros(B, self.num_image_tokens, dtype=torch.long, device=self.device)
-        for i in range(self.num_image_tokens):
-            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True).last_hidden_state[:, -1]
+        static = self.device.type == "cuda" if static_cache is None else static_cache
+        if static:  # the mask of the whole sequence: the prompt's left padding, then N - 1 fed-back codes
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], N - 1)], 1)
+            cache, step = self._static_cache(mask.shape[0], mask.shape[1]), self._decode_step()
+        else:
+            cache, step = DynamicCache(), self._decode_logits
+        lm = self.janus.model.language_model
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            h = lm(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask, position_ids=pos,
+                   past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
             logits = self.janus.model.generation_head(h).float()
-            if guided:
-                cond, unc = logits[:B], logits[B:]
-                logits = unc + cfg_scale * (cond - unc)
-            if temperature and temperature > 0:
-                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            if token_hook is not None:
-                nxt = self.project_to_codebook(token_hook(self.codebook[nxt])[:, None])[1][:, 0]
-            codes[:, i] = nxt
-            nxt2 = torch.cat([nxt, nxt]) if guided else nxt
-            embeds = self.code_embeds(nxt2[:, None])
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            pos = pos[:, -1:] + 1
+            codes = torch.zeros(B, N, dtype=torch.long, device=self.device)
+            for i in range(N):
+                if guided:
+                    cond, unc = logits[:B], logits[B:]
+                    logits = unc + cfg_scale * (cond - unc)
+                if temperature and temperature > 0:
+                    nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+                else:
+                    nxt = logits.argmax(-1)
+                if token_hook is not None:
+                    nxt = self.project_to_codebook(token_hook(self.codebook[nxt])[:, None])[1][:, 0]
+                codes[:, i] = nxt
+                if i == N - 1:
+                    break
+                if not static:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                pos = pos[:, -1:] + 1
+                logits = step(torch.cat([nxt, nxt])[:, None] if guided else nxt[:, None], mask, pos, cache)
+        finally:
+            for m, training in modes:
+                m.training = training
         return codes
+
+    def _decode_logits(self, codes, mask, pos, cache):
+        """One decode step: the codes just drawn (B, 1) in, the next code's logits (B, K) out."""
+        h = self.janus.model.language_model(inputs_embeds=self.code_embeds(codes), attention_mask=mask, position_ids=pos,
+                                            past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        return self.janus.model.generation_head(h).float()
+
+    def _decode_step(self):
+        """The static path's decode step: compiled on CUDA (once; shapes are static, so it recompiles only
+        for a new batch size or length), eager elsewhere."""
+        if self.device.type != "cuda":
+            return self._decode_logits
+        if getattr(self, "_compiled_decode", None) is None:
+            self._compiled_decode = torch.compile(self._decode_logits, mode="reduce-overhead", fullgraph=True)
+        return self._compiled_decode
+
+    def _static_cache(self, batch, length):
+        """A zeroed StaticCache for `batch` sequences of `length` tokens. The last one is kept and reused:
+        CUDA graphs are recorded against its fixed addresses (it holds its memory between calls)."""
+        key = (batch, length, self.device, torch.is_autocast_enabled(self.device.type))
+        if getattr(self, "_kept_cache", (None,))[0] != key:
+            self._kept_cache = (key, StaticCache(config=self.janus.model.language_model.config, max_cache_len=length))
+        cache = self._kept_cache[1]
+        cache.reset()
+        return cache
 
 
 def _read_json(path):
@@ -528,3 +598,26 @@ def clip_scorer(path, device="cpu"):
         text = embed(model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
         return (image * text).sum(-1)
     return score
+
+
+# -----------------------------------------------------------------------------------------------
+# The trained perturber on its own, for export: weights as safetensors, its configuration as JSON
+
+def save_perturber(perturber, path, **info):
+    """Write path/perturber.safetensors (float32 weights, θ_ε included) and path/perturber.json (the
+    constructor arguments, the current ε, and any `info`, e.g. perturb_at: where its tokens come from)."""
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in perturber.state_dict().items()},
+              os.path.join(path, "perturber.safetensors"))
+    with open(os.path.join(path, "perturber.json"), "w") as f:
+        json.dump({**perturber.config(), "eps": perturber.eps.item(), **info}, f, indent=2)
+
+
+def load_perturber(path, device="cpu"):
+    """The perturber written by save_perturber, and its JSON (a dict: configuration, eps, perturb_at...)."""
+    meta = _read_json(os.path.join(path, "perturber.json"))
+    if not meta:
+        raise FileNotFoundError(f"{path}: no perturber.json")
+    perturber = Perturber(**{k: meta[k] for k in ("dim", "hidden", "eps_min", "eps_max", "eps_init", "relative")})
+    perturber.load_state_dict(load_file(os.path.join(path, "perturber.safetensors")))
+    return perturber.to(device), meta

@@ -70,7 +70,7 @@ class Perturber(nn.Module):
         nn.init.orthogonal_(self.net[-1].weight)
         p = (eps_init - eps_min) / (eps_max - eps_min)
         self.theta_eps = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
-        self.eps_min, self.eps_max, self.relative = eps_min, eps_max, relative
+        self.eps_min, self.eps_max, self.eps_init, self.relative = eps_min, eps_max, eps_init, relative
 
     @property
     def eps(self):
@@ -92,6 +92,12 @@ class Perturber(nn.Module):
             noise = torch.randn(u.shape, generator=generator, device=u.device)
             u = _unit(u + noise_std / math.sqrt(u.shape[-1]) * noise)
         return (_budget(z, self.eps, self.relative) * u).to(z.dtype)
+
+    def config(self):
+        """The constructor arguments, as a plain dict (for a JSON file): Perturber(**p.config()) has the same
+        shape and budget range; the learned weights and θ_ε (so the current ε) are in state_dict()."""
+        return {"dim": self.net[0].in_features, "hidden": self.net[0].out_features, "eps_min": self.eps_min,
+                "eps_max": self.eps_max, "eps_init": self.eps_init, "relative": self.relative}
 
     def extra_repr(self):
         return f"eps in [{self.eps_min}, {self.eps_max}], relative={self.relative}"

@@ -1019,3 +1019,810 @@ def test_clip_scorer_from_a_local_directory_matches_clip_forward(tok, tmp_path):
     with torch.no_grad():
         out = clip(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=(images - mean) / std)
     torch.testing.assert_close(s, out.logits_per_image.diagonal() / clip.logit_scale.exp(), rtol=1e-4, atol=1e-5)
+
+
+# ---- Janus-Pro parity and export (issue 8) ------------------------------------------------------
+# Random-initialised models with Janus-Pro's layout at CPU widths, and a tokenizer with Janus-Pro's
+# special tokens, checked against what transformers' own Janus classes do with them.
+
+# The chat template that the converted Janus-Pro checkpoints ship (chat_template.jinja), as written by
+# transformers' models/janus/convert_janus_weights_to_hf.py.
+JANUS_CHAT_TEMPLATE = (
+    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}{%set i=0%}"
+    "{%for message in messages%}"
+    "{%if message['role']|lower=='user'%}<|User|>: "
+    "{%elif message['role']|lower=='assistant'%}<|Assistant|>:"
+    "{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' "
+    "and message['content'][0]['text']=='')%} {%endif%}"
+    "{%else%}{{message['role'].capitalize()}}: {%endif%}"
+    "{%for content in message['content']%}"
+    "{%if content['type']=='image'%}"
+    "{%if not loop.first%}{{'\n'}}{%endif%}<image_placeholder>{%if not loop.last%}{{'\n'}}{%endif%}"
+    "{%elif content['type']=='text'%}{%set text=content['text']%}"
+    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
+    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}{{' '+text}}{%else%}{{text}}{%endif%}"
+    "{%endif%}{%endfor%}"
+    "{%if not loop.last or add_generation_prompt%}"
+    "{%if message['role']|lower=='user'%}{{seps[0]}}{%else%}{{seps[1]}}{%endif%}{%endif%}"
+    "{%endfor%}"
+    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}")
+
+
+def janus_pro_layout(tok, image_size=384, seed=0):
+    """Janus-Pro's architecture, narrow: SigLIP on 16-pixel patches with a depth-2 aligner, LLaMA LM, a VQ
+    model that downsamples 16x (channel multipliers 1,1,2,2,4) onto a 16384 x 8 codebook, generation
+    head / embeddings / aligner; at 384 px that is Janus-Pro's 24 x 24 = 576 image tokens. Only the widths
+    and depths are cut (LM 64 x 2, SigLIP 32 x 1, VQ 32 channels)."""
+    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+    W = 64
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=W, intermediate_size=2 * W, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+                               patch_size=16, projection_dim=W, num_image_tokens=(image_size // 16) ** 2)
+    vq = JanusVQVAEConfig(base_channels=32, latent_channels=32, num_res_blocks=1, projection_dim=W, image_token_embed_dim=W)
+    torch.manual_seed(seed)
+    cfg = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
+    return UMM.from_config(cfg, tok).eval()
+
+
+def janus_processor(tok, image_size=384, system_prompt=True, **image_kw):
+    """transformers' JanusProcessor as a converted Janus-Pro directory sets it up: the pillow image processor
+    with Janus-Pro's mean = std = 0.5, the chat template, and the default system prompt."""
+    from transformers import JanusProcessor
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+    images = JanusImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": image_size, "width": image_size},
+                                    **image_kw)
+    return JanusProcessor(images, tok, chat_template=JANUS_CHAT_TEMPLATE, use_default_system_prompt=system_prompt,
+                          num_image_tokens=(image_size // 16) ** 2)
+
+
+def chat(text, answer=None, image=True):
+    user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    turns = [{"role": "user", "content": user}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return turns
+
+
+@pytest.fixture(scope="module")
+def pro384(tok):
+    return janus_pro_layout(tok, 384)
+
+
+@pytest.fixture(scope="module")
+def pro128(tok):
+    return janus_pro_layout(tok, 128)  # 8 x 8 = 64 image tokens: generation at CPU speed
+
+
+@pytest.mark.parametrize("system_prompt", [True, False])
+def test_understanding_prompt_equals_janus_processor_and_chat_template(tok, pro384, system_prompt):
+    from model import JANUS_SYSTEM_PROMPT
+    proc = janus_processor(tok, system_prompt=system_prompt)
+    umm = UMM(pro384.janus, tok, system_prompt=JANUS_SYSTEM_PROMPT if system_prompt else "")
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    for q, a in [("what color is the circle?", "red"), ("how many shapes are there?  ", "2"), ("Is it a dog?", "no")]:
+        prompt = proc.apply_chat_template(chat(q), add_generation_prompt=True)
+        ids = proc(text=prompt, images=[image]).input_ids[0].tolist()
+        assert umm.prompt_ids(q) == ids
+        assert ids.count(umm.image_id) == 576 and (JANUS_SYSTEM_PROMPT in tok.decode(ids)) == system_prompt
+        # a training sequence: the template's assistant turn, closed by EOS as Janus-Pro's SFT format does
+        full = proc(text=proc.apply_chat_template(chat(q, a)), images=[image]).input_ids[0].tolist()
+        assert umm.prompt_ids(q) + umm.answer_ids(a) == full + [umm.eos_id]
+
+
+def test_generation_prompt_equals_janus_processor_in_image_mode(tok, pro384):
+    proc = janus_processor(tok)  # the system prompt is for understanding only
+    for caption in ["a red circle on the left", "two blue squares "]:
+        prompt = proc.apply_chat_template(chat(caption, image=False), add_generation_prompt=True)
+        assert pro384.generation_prompt_ids(caption) == proc(text=prompt, generation_mode="image").input_ids[0].tolist()
+
+
+def test_from_pretrained_reads_a_transformers_5_processor_config(tok, pro128, tmp_path):
+    """transformers 5 saves the image processor inside processor_config.json, with no preprocessor_config.json."""
+    from model import JANUS_SYSTEM_PROMPT
+    pro128.save_pretrained(tmp_path)
+    os.remove(tmp_path / "preprocessor_config.json")
+    os.remove(tmp_path / "processor_config.json")
+    janus_processor(tok, 128, min_size=20).save_pretrained(tmp_path)
+    assert "image_processor" in json.load(open(tmp_path / "processor_config.json"))
+    umm = UMM.from_pretrained(str(tmp_path))
+    assert (umm.system_prompt, umm.image_mean, umm.image_std, umm.min_size) == (JANUS_SYSTEM_PROMPT, 0.5, 0.5, 20)
+
+
+def test_preprocessing_at_janus_pro_384_equals_its_image_processor(tok, pro384):
+    proc = janus_processor(tok)
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(384, 384), (480, 640), (640, 427), (300, 200), (100, 1000), (24, 24)]:
+        im = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        ref = proc.image_processor(images=[im.permute(1, 2, 0).numpy()], return_tensors="pt")["pixel_values"]
+        mine = pro384.preprocess([im])
+        assert mine.shape == ref.shape == (1, 3, 384, 384)
+        grey_levels = (mine - ref).abs() * 255 / 2
+        # PIL's fixed-point bicubic and torch's float one round a rare pixel to the neighbouring level;
+        # the padding (mean colour) and its placement must agree exactly
+        assert grey_levels.max() <= 1.0 + 1e-4 and grey_levels.mean() <= 0.01, (h, w)
+
+
+class _NoGuidance:
+    """transformers' image generate always runs the conditional and the unconditional prompt together and,
+    at guidance_scale 1, never drops the second half (a shape error in 5.23). Keeping the conditional
+    half's logits is what no guidance means."""
+
+    def __call__(self, input_ids, scores):
+        return scores[: scores.shape[0] // 2]
+
+
+@pytest.mark.parametrize("cfg, temperature", [(5.0, 1.0), (5.0, 0.0), (3.0, 0.7), (1.0, 1.0), (1.0, 0.0)])
+def test_image_generation_equals_transformers_generate(tok, pro128, cfg, temperature):
+    from transformers import LogitsProcessorList
+    proc = janus_processor(tok, 128)
+    captions = ["a red circle on the left", "a big blue square at the top right"]  # different lengths: left padding
+    inputs = proc(text=[proc.apply_chat_template(chat(c, image=False), add_generation_prompt=True) for c in captions],
+                  generation_mode="image", padding=True)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature else dict(do_sample=False)
+    extra = dict(logits_processor=LogitsProcessorList([_NoGuidance()])) if cfg == 1.0 else {}
+    torch.manual_seed(1)
+    ref = pro128.janus.generate(inputs.input_ids, attention_mask=inputs.attention_mask, generation_mode="image",
+                                guidance_scale=cfg, **sampling, **extra)
+    torch.manual_seed(1)  # both draw from the global generator, one multinomial per step over the guided logits
+    mine = pro128.generate_images(captions, cfg_scale=cfg, temperature=temperature)
+    assert mine.shape == ref.shape == (2, 64)
+    assert torch.equal(mine, ref), f"{(mine != ref).sum().item()} of {mine.numel()} codes differ"
+    assert len(set(mine.flatten().tolist())) > 4  # not a degenerate, constant image
+
+
+def test_export_round_trips_merged_model_and_perturber(tok, train64, tmp_path):
+    from transformers import JanusForConditionalGeneration
+    from model import load_perturber, save_perturber
+    umm = janus_pro_layout(tok, 128, seed=5)
+    add_lora(umm.janus.model.language_model, r=4, alpha=8, dropout=0.05)
+    for n, p in umm.named_parameters():  # a LoRA that changes the outputs
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    umm.eval()
+    images, qs, ans, _ = batch_of(train64, 1)
+    px = umm.preprocess(images)
+    perturber = Perturber(umm.janus.config.text_config.hidden_size, eps_max=0.02, eps_init=0.01, relative=False)
+    with torch.no_grad():
+        perturber.theta_eps.fill_(0.7)  # a learned budget, away from eps_init
+    umm.save_pretrained(tmp_path)
+    save_perturber(perturber, tmp_path, perturb_at="aligner")
+
+    merged = JanusForConditionalGeneration.from_pretrained(tmp_path).eval()  # no UniGame code
+    assert not any("lora" in k for k in merged.state_dict())
+    ids = torch.tensor([umm.prompt_ids(qs[0]) + umm.answer_ids(ans[0])])
+    with torch.no_grad():
+        logits, _ = umm.answer_logits(umm.image_embeds(px), qs, ans)
+        torch.testing.assert_close(merged(input_ids=ids, pixel_values=px).logits, logits, rtol=1e-4, atol=1e-4)
+    # image generation too, with the begin-of-image id read from the saved generation config
+    prompt = torch.tensor([umm.generation_prompt_ids("a red circle")])
+    ref = merged.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", guidance_scale=5.0,
+                          do_sample=False)
+    assert torch.equal(umm.generate_images(["a red circle"], cfg_scale=5.0, temperature=0.0), ref)
+
+    again, meta = load_perturber(str(tmp_path))
+    assert meta == {"dim": 64, "hidden": 32, "eps_min": 0.0, "eps_max": 0.02, "eps_init": 0.01, "relative": False,
+                    "eps": pytest.approx(perturber.eps.item()), "perturb_at": "aligner"}
+    with torch.no_grad():
+        z = umm.visual_tokens(px, "aligner")
+        assert torch.equal(again(z), perturber(z)) and torch.equal(again.eps, perturber.eps)
+
+
+def test_gradient_checkpointing_keeps_the_lora_gradients(tok, train64):
+    """The 7B configuration checkpoints the LM; LoRA on a frozen LM must still get the same gradients."""
+    m = tiny(tok, seed=6)
+    lora = add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.0)
+    for p in lora[1::2]:
+        torch.nn.init.normal_(p, std=0.05)
+    m.requires_grad_(False)
+    for p in lora:
+        p.requires_grad_(True)
+    images, qs, ans, _ = batch_of(train64)
+    px = m.preprocess(images)
+
+    def grads():
+        return torch.autograd.grad(m.answer_loss(m.image_embeds(px), qs, ans).mean(), lora)
+    m.train()
+    plain = grads()
+    m.janus.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert all(g.abs().sum() > 0 for g in plain)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+JANUS_PRO_CONFIGS = ["config/unigame_janus_pro_1b.py", "config/unigame_janus_pro_7b.py"]
+
+
+@pytest.mark.parametrize("path", JANUS_PRO_CONFIGS)
+def test_janus_pro_configs_load_through_the_configurator_with_the_published_values(path, monkeypatch):
+    """train.py's own configuration block, then configurator.py on the file, as train.py runs them: every
+    key must be known and of the right type. Then the values the paper publishes."""
+    src = open(os.path.join(HERE, "train.py")).read()
+    block = src[src.index("# configuration\n"):src.index("exec(open(")]  # train.py's globals and their defaults
+    monkeypatch.setattr(sys, "argv", ["train.py", os.path.join(HERE, path)])
+    c = {"torch": torch, "os": os}
+    exec(block + open(os.path.join(HERE, "configurator.py")).read(), c)
+    scope = {}
+    exec(open(os.path.join(HERE, path)).read(), {}, scope)
+    assert scope and all(c[k] == v and type(c[k]) is type(v) for k, v in scope.items())
+    assert c["dataset"] == "vqav2" and all(c[k] for k in ("init_from", "vqav2_questions", "vqav2_annotations", "vqav2_images"))
+    assert (c["lora_r"], c["lora_alpha"], c["lora_dropout"], c["train_modules"]) == (16, 32, 0.05, "")
+    assert (c["perturb_at"], c["eps_relative"], c["eps_max"], c["eps_init"]) == ("aligner", False, 0.02, 0.01)
+    assert 80 <= c["lam"] <= 120 and c["lr_G"] == 1e-2 and 3e-6 <= c["lr"] <= 5e-6 and c["weight_decay"] == 0.01
+    assert c["w_clean"] == 1.0 and c["grad_clip"] == 1.0 and 1 <= c["batch_size"] <= 8 and 6 <= c["hard_bs"] <= 8
+    assert 0.7 <= c["q_hard"] <= 0.8 and c["buffer_capacity"] == 4096 and 1.5 <= c["buffer_temperature"] <= 2.0
+    assert c["gradient_checkpointing"] == ("7b" in path)
+
+
+def test_janus_pro_7b_config_runs_on_a_small_janus_pro_and_exports_model_and_perturber(tok, pro128, tmp_path):
+    """The 7B configuration end to end on VQAv2-format files, with only the paths and sizes overridden:
+    aligner tokens, an absolute budget, gradient checkpointing; then the export."""
+    from transformers import JanusForConditionalGeneration
+    from model import load_perturber
+    pro128.save_pretrained(tmp_path / "base")
+    (tmp_path / "vqa").mkdir()
+    q, a, images = write_vqav2(tmp_path / "vqa")
+    argv = [JANUS_PRO_CONFIGS[1], f"--init_from={tmp_path / 'base'}", f"--vqav2_questions={q}", f"--vqav2_annotations={a}",
+            f"--vqav2_images={images}", f"--out_dir={tmp_path / 'out'}", f"--export_dir={tmp_path / 'export'}",
+            "--batch_size=2", "--hard_bs=2", "--max_iters=2", "--eval_n=2", "--log_interval=1", "--num_workers=0",
+            "--tau=-1.0",
+            "--device=cpu", "--dtype=float32", "--compile=False", "--threads=1"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True, text=True, cwd=HERE,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [x for x in read_log(tmp_path / "out") if "adv" in x]
+    assert [x["iter"] for x in steps] == [1, 2] and all(0 < x["eps"] < 0.02 for x in steps)
+    JanusForConditionalGeneration.from_pretrained(tmp_path / "export")
+    for d in (tmp_path / "export", tmp_path / "out" / "ckpt" / "model"):
+        perturber, meta = load_perturber(str(d))
+        assert (meta["dim"], meta["relative"], meta["perturb_at"], meta["eps_max"]) == (64, False, "aligner", 0.02)
+
+
+# ---- eval axes (issue 5) ----------------------------------------------------------------------------
+# eval.py: the official VQA accuracy, consistency, the PGD attack, the checkpoint's own perturber, the
+# hard buffer's label preservation, --compare, and eval.json end to end.
+
+import shutil  # noqa: E402
+
+from safetensors.torch import save_file  # noqa: E402
+
+import eval as ev  # noqa: E402  (as ev: `eval` would shadow the builtin)
+
+SHAPES_BASE = os.path.join(HERE, "assets", "shapes-base")
+
+
+@pytest.fixture(scope="module")
+def shapes_base():
+    return ev.load(SHAPES_BASE, "cpu")
+
+
+@pytest.mark.parametrize("raw, normalised", [
+    ("Two.", "2"), ("none", "0"),                                   # number words to digits; a final period goes
+    ("the dog", "dog"), ("a red car", "red car"), ("An apple", "apple"),  # articles dropped, case folded
+    ("dont", "don't"), ("Isnt", "isn't"), ("it's", "it's"),         # contractions restored; apostrophes kept
+    ("1,000", "1000"),                                              # a comma between digits is deleted...
+    ("yes, it is", "yes it is"),                                    # ...so is one touching a space...
+    ("yes,it", "yes it"), ("red-and-white", "red and white"),       # ...other marks become a space
+    ("x-ray, 2,000", "xray 2000"),                                  # a digit comma anywhere deletes every mark
+    ("3.5", "3.5"), ("3.5.", "3.5"), ("dog.", "dog"),               # a period survives only before a digit
+    ("  Hello!\n", "hello"),
+])
+def test_vqa_answer_normalisation_of_tricky_cases(raw, normalised):
+    assert ev.normalize_answer(raw) == normalised
+
+
+@pytest.mark.parametrize("matches, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_averages_the_ten_leave_one_out_subsets(matches, expected):
+    """k of 10 annotators said "2". Leaving out one of those k, k-1 of the other nine match; leaving out
+    any other, k do. 1: 9 * (1/3) / 10 = 0.3; 2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6; 3: (3 * 2/3 + 7 * 1) / 10
+    = 0.9 (not min(3/3, 1) = 1); 4: every subset keeps 3 matches, 1.0."""
+    answers = ["2"] * matches + ["3"] * (10 - matches)
+    assert ev.vqa_accuracy("two", answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_normalises_the_annotators_too_and_a_single_answer_is_exact_match():
+    assert ev.vqa_accuracy("2", ["Two", "2.", " two"] + ["3"] * 7) == pytest.approx(0.9)
+    assert ev.vqa_accuracy("The Dog.", ["dog"]) == 1.0 and ev.vqa_accuracy("dogs", ["dog"]) == 0.0
+
+
+class ScriptedModel:
+    """Gives one fixed reply to every question; images pass through untouched."""
+    device = torch.device("cpu")
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def preprocess(self, images):
+        return torch.stack(list(images))
+
+    def image_embeds(self, px):
+        return px
+
+    def answer(self, embeds, questions):
+        return [self.reply] * len(questions)
+
+
+class OracleModel(ScriptedModel):
+    """Reads each image with the oracle and answers from what it sees: right on every true picture."""
+
+    def __init__(self):
+        pass
+
+    def answer(self, embeds, questions):
+        return [ev.answer_from_attrs(q, data.read_attrs(im)) for im, q in zip(embeds, questions)]
+
+
+def test_understanding_is_exact_match_on_the_world_and_vqa_accuracy_on_real_data():
+    sample = {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "question": "how many shapes are there?",
+              "answers": ["2"], "attrs": {"objects": []}}
+    real = dict(sample, answers=["2"] * 3 + ["3"] * 7, attrs=None)
+    assert ev.understanding_accuracy(ScriptedModel("Two"), [sample], progress=False) == 0.0
+    assert ev.understanding_accuracy(ScriptedModel("Two"), [real, real], progress=False) == pytest.approx(0.9)
+
+
+def test_answer_from_attrs_answers_every_world_question_from_the_scene_or_its_oracle_reading():
+    for r in world("test", 200):
+        assert ev.answer_from_attrs(r["question"], r["attrs"]) == r["answers"][0]
+        assert ev.answer_from_attrs(r["question"], data.read_attrs(r["image"])) == r["answers"][0]
+    assert ev.answer_from_attrs("what color is the circle?", {"objects": []}) is None
+    with pytest.raises(ValueError, match="not a question"):
+        ev.answer_from_attrs("what is this?", {"objects": []})
+
+
+def test_consistency_is_one_for_a_truthful_model_and_drops_when_images_mismatch_captions():
+    recs = world("test", 12)
+    images = [r["image"] for r in recs]
+    assert ev.consistency_score(OracleModel(), images, recs, batch_size=5, progress=False) == 1.0
+    shifted = images[1:] + images[:1]  # each caption's questions asked of the next caption's picture
+    assert ev.consistency_score(OracleModel(), shifted, recs, batch_size=5, progress=False) < 0.8
+
+
+def test_consistency_equals_asking_each_question_of_the_generated_image_alone(shapes_base):
+    recs = world("test", 3)
+    images = ev.generate_images(shapes_base, recs, batch_size=3, progress=False)
+    assert len(images) == 3 and images[0].dtype == torch.uint8
+    direct = []
+    with torch.no_grad():
+        for im, r in zip(images, recs):
+            emb = shapes_base.image_embeds(shapes_base.preprocess([im]))
+            direct += [shapes_base.answer(emb, [q])[0] == a for q, a in data.caption_qa(r["attrs"])]
+    got = ev.consistency_score(shapes_base, images, recs, batch_size=4, progress=False)
+    assert got == pytest.approx(sum(direct) / len(direct))
+
+
+@pytest.mark.parametrize("at", ["vq", "aligner"])
+def test_pgd_at_the_interface_raises_the_answer_loss_within_the_budget(shapes_base, at):
+    recs = world("test", 8)
+    qs, ans = [r["question"] for r in recs], [r["answers"][0] for r in recs]
+    with torch.no_grad():
+        z = shapes_base.visual_tokens(shapes_base.preprocess([r["image"] for r in recs]), at)
+    delta = ev.pgd_delta(shapes_base, z, qs, ans, at, eps=0.3, relative=True, steps=5, generator=gen(0))
+    assert (token_norms(delta) <= 0.3 * token_norms(z) * (1 + 1e-5)).all()
+    with torch.no_grad():
+        ce = {name: shapes_base.answer_loss(shapes_base.perturbed_view(z + d, at)[0], qs, ans).mean().item()
+              for name, d in [("zero", torch.zeros_like(z)), ("random", random_like(z, 0.3, generator=gen(1))), ("pgd", delta)]}
+    assert ce["pgd"] > max(ce["zero"], ce["random"]) + 0.05, ce
+
+
+def test_adversarial_accuracy_is_below_clean_accuracy_on_the_base(shapes_base):
+    recs = world("test", 16)
+    res = ev.adversarial_accuracy(shapes_base, recs, "aligner", eps=0.3, relative=True, steps=5, batch_size=8, progress=False)
+    clean = ev.understanding_accuracy(shapes_base, recs, progress=False)
+    assert res["accuracy_zero_delta"] == clean  # at 'aligner' the view with δ = 0 is the clean one
+    assert res["ce_attacked"] > res["ce_zero_delta"] + 0.1 and res["accuracy"] < clean, res
+
+
+def fake_run(path, perturber=None, stepped=True, model=SHAPES_BASE, items=(), **config):
+    """A training out_dir as train.py lays it out: ckpt/ with ckpt.json (config), state.safetensors
+    (perturber.* tensors), optim.safetensors (perturber moments when it `stepped`) and the hard buffer;
+    the model is referred to by its (absolute) path."""
+    ck = path / "ckpt"
+    ck.mkdir(parents=True)
+    cfg = {"game": True, "perturb_at": "vq", "eps_min": 0.0, "eps_max": 0.25, "eps_relative": True, "buffer_rule": "consistent",
+           "tau": 0.9, "q_hard": 0.75, "clip_path": "", "mine": "decode", **config}
+    with open(ck / "ckpt.json", "w") as f:
+        json.dump({"iter_num": 3, "config": cfg, "state": "state.safetensors", "optimizer": "optim.safetensors",
+                   "buffer": ["buffer.safetensors", "buffer.json"], "model": model}, f)
+    perturber = perturber or Perturber(8, eps_max=0.25, eps_init=0.2)
+    save_file({f"perturber.{k}": v.contiguous() for k, v in perturber.state_dict().items()}, str(ck / "state.safetensors"))
+    save_file({"perturber.theta_eps.exp_avg": torch.zeros(())} if stepped else {"lora_A.exp_avg": torch.zeros(1)},
+              str(ck / "optim.safetensors"))
+    tensors = {"H": torch.linspace(2.0, 1.0, len(items), dtype=torch.float64)}
+    tensors.update({f"{i}.codes": it["codes"].contiguous() for i, it in enumerate(items)})
+    save_file(tensors, str(ck / "buffer.safetensors"))
+    with open(ck / "buffer.json", "w") as f:
+        json.dump([{k: v for k, v in it.items() if k != "codes"} for it in items], f)
+    return ck
+
+
+def test_own_perturber_from_a_checkpoint_or_an_export_and_none_for_sft_or_a_bare_model(small_dir, tmp_path):
+    from model import save_perturber
+    torch.manual_seed(0)
+    p = Perturber(8, eps_max=0.25, eps_init=0.2)
+    with torch.no_grad():
+        p.theta_eps.fill_(0.4)  # a learned budget, away from eps_init
+    ck = fake_run(tmp_path / "game", p)
+    z = torch.randn(2, 5, 8)
+    for path in (tmp_path / "game", ck):  # the out_dir or its ckpt/
+        again, info = ev.own_perturber(str(path))
+        assert torch.equal(again(z), p(z)) and info["eps"] == pytest.approx(p.eps.item())
+        assert (info["perturb_at"], info["eps_max"], info["relative"]) == ("vq", 0.25, True)
+    fake_run(tmp_path / "sft", p, stepped=False, game=False)
+    none, why = ev.own_perturber(str(tmp_path / "sft"))
+    assert none is None and "never trained" in why
+    none, why = ev.own_perturber(small_dir)
+    assert none is None and "no perturber.safetensors" in why
+    # a standalone export beside a model (model.save_perturber): its budget comes with it
+    shutil.copytree(small_dir, tmp_path / "export")
+    q = Perturber(64, eps_max=0.02, eps_init=0.01, relative=False)
+    save_perturber(q, str(tmp_path / "export"), perturb_at="aligner")
+    again, info = ev.own_perturber(str(tmp_path / "export"))
+    z = torch.randn(2, 5, 64)
+    assert torch.equal(again(z), q(z)) and (info["perturb_at"], info["eps_max"], info["relative"]) == ("aligner", 0.02, False)
+    assert ev.trained_budget(str(tmp_path / "export"))["from"].endswith("perturber.json")
+
+
+def test_label_preservation_decodes_buffered_codes_and_rereads_them_with_the_oracle(shapes_base, tmp_path):
+    recs = [r for r in data.shapes_world("train", 20, seed=0) if r["answers"][0] != "no"][:8]
+    with torch.no_grad():
+        codes = shapes_base.image_codes(shapes_base.preprocess([r["image"] for r in recs]))
+        black = shapes_base.image_codes(shapes_base.preprocess([torch.zeros(3, 32, 32, dtype=torch.uint8)]))[0]
+    # six faithful items, two whose codes are an empty picture: their labels (never "no") no longer hold
+    items = [{"codes": (codes[i] if i < 6 else black).clone(), "question": r["question"], "answer": r["answers"][0],
+              "source": r["source"]} for i, r in enumerate(recs)]
+    fake_run(tmp_path / "run", items=items, buffer_rule="published")
+    res = ev.label_preservation(str(tmp_path / "run"), progress=False)
+    assert (res["count"], res["buffer_size"], res["buffer_rule"]) == (8, 8, "published")
+    assert res["label_preservation"] == 0.75 and res["scene_preservation"] == 0.75
+    items[0]["source"] = recs[1]["source"]  # a source that does not match its question
+    fake_run(tmp_path / "bad", items=items)
+    with pytest.raises(SystemExit, match="another seed"):
+        ev.label_preservation(str(tmp_path / "bad"), progress=False)
+    fake_run(tmp_path / "empty")
+    assert ev.label_preservation(str(tmp_path / "empty"), progress=False)["note"] == "the buffer is empty"
+
+
+def write_eval(path, **figures):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "eval.json"), "w") as f:
+        json.dump({**figures, "data": "shapes", "settings": {"n": 8}}, f)
+
+
+def test_compare_prints_runs_side_by_side_with_deltas_and_averages_each_glob(tmp_path):
+    for s, (u, a) in enumerate([(0.60, 0.30), (0.62, 0.34), (0.64, 0.32)]):
+        write_eval(tmp_path / f"sft-s{s}", understanding=u, robustness_adv=a)
+        write_eval(tmp_path / f"unigame-s{s}", understanding=u + 0.01, robustness_adv=a + 0.05, understanding_own_perturber=0.5)
+    table = ev.compare([str(tmp_path / "sft-s*"), str(tmp_path / "unigame-s*")])
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    # sample standard deviation of 0.60, 0.62, 0.64 is 0.02
+    assert "0.620 ± 0.020" in rows["understanding"] and "0.630 ± 0.020" in rows["understanding"]
+    assert rows["understanding"].endswith("+0.010") and rows["robustness_adv"].endswith("+0.050")
+    assert "0.320 ± 0.020" in rows["robustness_adv"] and rows["understanding_own_perturber"].endswith("—")
+    assert "(3 runs)" in table and "settings" not in rows and "data" not in rows
+    r = subprocess.run([sys.executable, "eval.py", "--compare", str(tmp_path / "sft-s0"), str(tmp_path / "unigame-s2")],
+                       capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()}
+    assert rows["understanding"].split()[-3:] == ["0.600", "0.650", "+0.050"]
+    assert rows["robustness_adv"].split()[-3:] == ["0.300", "0.370", "+0.070"]
+    with pytest.raises(SystemExit, match="no eval.json"):
+        ev.compare([str(tmp_path / "nothing-*")])
+
+
+def test_eval_writes_every_axis_as_a_fraction_with_the_attack_recorded(small_dir, tmp_path, monkeypatch, capsys):
+    import runpy
+    torch.manual_seed(0)
+    fake_run(tmp_path / "run", model=small_dir)
+    # the command line, run in this process (a fresh interpreter would spend most of the time importing)
+    monkeypatch.setattr(sys, "argv", ["eval.py", f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'ev'}", "--n=6",
+                                      "--gen_n=2", "--adv_n=3", "--adv_steps=2", "--batch_size=4", "--device=cpu"])
+    runpy.run_path(os.path.join(HERE, "eval.py"), run_name="__main__")
+    stdout = capsys.readouterr().out
+    out = json.load(open(tmp_path / "ev" / "eval.json"))
+    axes = ["understanding", "generation", "consistency", "robustness_ood", "robustness_adv", "understanding_random_perturb",
+            "understanding_own_perturber", "reconstruction"]
+    assert all(0.0 <= out[k] <= 1.0 for k in axes), out
+    attack = out["robustness_adv_attack"]
+    assert {k: attack[k] for k in ("perturb_at", "eps", "relative", "steps", "n")} == \
+        {"perturb_at": "vq", "eps": 0.25, "relative": True, "steps": 2, "n": 3}  # the budget the run was trained with
+    assert attack["step_size"] == pytest.approx(2.5 * 0.25 / 2)
+    assert out["data"] == "shapes" and out["own_perturber"]["eps"] == pytest.approx(0.2) and out["skipped"] == {}
+    assert all(k in stdout for k in axes)
+
+
+# ---- bench (issue 6) -----------------------------------------------------------------------------
+
+def run_bench(monkeypatch, capsys, *args):
+    """bench.py's command line, run in this process (a fresh interpreter would mostly import)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["bench.py", *args])
+    runpy.run_path(os.path.join(HERE, "bench.py"), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_bench_tiny_times_every_step_and_ends_with_its_figures_as_json(monkeypatch, capsys):
+    out = run_bench(monkeypatch, capsys, "--preset=tiny", "--batch_size=2", "--hard_bs=2", "--gen_batch=1",
+                    "--repeats=1", "--warmup=0", "--device=cpu")
+    figures = json.loads(out.strip().splitlines()[-1])
+    res = figures["results"]
+    assert set(res) == {"sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate", "generate_dynamic", "generate_static"}
+    assert [res[k]["batch"] for k in ("sft", "sft_hard", "sft_2x", "generate_static")] == [2, 4, 4, 1]
+    assert all(r["ms"] > 0 and r["samples_per_s"] > 0 for r in res.values())
+    assert res["generate_static"]["tokens_per_s"] > 0 and res["generate_dynamic"]["tokens_per_s"] > 0
+    for k in ("unigame_decode", "unigame_generate"):  # train.py's steps, timed in four phases
+        assert list(res[k]["phases_ms"]) == ["perturber forward", "perturber backward + step", "mine", "understanding step"]
+    assert all(v > 0 for v in figures["ratios"].values()) and "generate_over_decode_per_candidate" in figures["ratios"]
+    assert figures["peak_rss_gb"] > 0 and figures["image_tokens"] == 64
+    assert "unigame_decode" in out.split("{")[0]  # the table came before the JSON
+
+
+def test_bench_times_the_game_at_the_aligner_too(monkeypatch, capsys):
+    out = run_bench(monkeypatch, capsys, "--perturb_at=aligner", "--benchmarks=unigame_decode,unigame_generate",
+                    "--batch_size=2", "--hard_bs=2", "--repeats=1", "--warmup=0", "--device=cpu")
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["perturb_at"] == "aligner" and set(figures["results"]) == {"unigame_decode", "unigame_generate"}
+    assert figures["ratios"]["generate_over_decode_per_candidate"] > 0
+
+
+def test_bench_refuses_a_janus_pro_preset_without_a_gpu(monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        run_bench(monkeypatch, capsys, "--preset=janus-pro-7b", "--device=cpu")
+
+
+def test_static_and_dynamic_kv_cache_generate_the_same_codes(tok):
+    m = tiny(tok, seed=5)
+    caps = ["a red circle on the left", "two shapes: a blue square and a green triangle", "a yellow triangle"]
+    for cfg, temp, hook in [(5.0, 1.0, None), (1.0, 0.0, None), (1.0, 1.0, lambda v: v + 0.3 * torch.randn_like(v))]:
+        codes = []
+        for static in (False, True):
+            torch.manual_seed(0)  # the hook's noise
+            codes.append(m.generate_images(caps, cfg, temp, generator=gen(1), token_hook=hook, static_cache=static))
+        assert torch.equal(codes[0], codes[1]), (cfg, temp)
+    # a second call reuses the kept static cache, reset
+    assert torch.equal(m.generate_images(caps, 5.0, 1.0, generator=gen(1), static_cache=True),
+                       m.generate_images(caps, 5.0, 1.0, generator=gen(1), static_cache=False))
+
+
+def test_generation_is_inference_even_in_train_mode_with_gradient_checkpointing(tok):
+    m = tiny(tok, seed=6)
+    caps = ["a red circle on the left", "a blue square"]
+    for p in add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.5):
+        torch.nn.init.normal_(p, std=0.1)  # a LoRA that matters, so its dropout would change the codes in train mode
+    want = m.generate_images(caps, 5.0, 0.0)  # eval mode
+    m.janus.gradient_checkpointing_enable()  # in train mode this would drop the KV cache
+    m.train()
+    m.janus.model.vqmodel.eval()
+    for static in (False, True):
+        assert torch.equal(m.generate_images(caps, 5.0, 0.0, static_cache=static), want)
+    assert m.training and m.janus.model.language_model.training and not m.janus.model.vqmodel.training  # modes restored
+
+
+def test_prompt_ids_equal_tokenizing_every_image_placeholder(umm, train64):
+    from model import ASSISTANT, BOI, EOI, IMAGE, JANUS_SYSTEM_PROMPT, USER
+    questions = [s["question"] for s in train64] + ["  odd <image_placeholder> spacing ", "", "ünï 🚀\nline"]
+    for system in ("", JANUS_SYSTEM_PROMPT):
+        for q in questions:
+            text = f"{system}{USER}: {BOI + IMAGE * umm.num_image_tokens + EOI}\n{q.strip()}\n\n{ASSISTANT}:"
+            want = umm.tokenizer(text).input_ids
+            old, umm.system_prompt = umm.system_prompt, system
+            try:
+                assert umm.prompt_ids(q) == want, q
+            finally:
+                umm.system_prompt = old
+
+
+# ---- reliability (issue 7) ---------------------------------------------------------------------
+# The faults a long run must survive, each tried for real on train.py with tiny settings: a SIGKILL,
+# a kill during a checkpoint's swap, a torn or corrupt checkpoint, NaN losses, impossible settings,
+# corrupt images mid-epoch, a failing DDP rank.
+
+import signal  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+# 16 samples, 4 a batch: an epoch is 4 steps. q_hard=0, tau=-1 keep every candidate, hard_bs=1 pops one
+# a step, so the hard buffer fills up and its contents are worth comparing.
+TINY = ["--batch_size=4", "--hard_bs=1", "--train_n=16", "--eval_n=4", "--eval_interval=0", "--log_interval=1",
+        "--lora_r=4", "--threads=1", "--tau=-1.0", "--q_hard=0.0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(model_dir, out_dir, *args, nproc=0):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return [*launcher, os.path.join(HERE, "train.py"), f"--init_from={model_dir}", f"--out_dir={out_dir}", *TINY, *args]
+
+
+def run_cmd(cmd, timeout=300):
+    """(return code, stdout + stderr) of a command run in the repository."""
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=timeout, env=ENV)
+    return r.returncode, (r.stdout + r.stderr).replace("\r", "\n")
+
+
+def last_line(out):
+    return out.strip().splitlines()[-1]
+
+
+def same_tensors(a, b):
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_run_resumes_bitwise_equal_to_an_uninterrupted_one(small_dir, tmp_path):
+    """SIGKILL after the step-3 checkpoint, resume to step 7: LoRA, perturber, both AdamW states, the hard
+    buffer, RNG, data position and every later loss equal those of a run never stopped, bit for bit. The
+    data crosses an epoch boundary after the kill, mid-epoch resumption included."""
+    args = ["--max_iters=7", "--ckpt_interval=3"]
+    whole = subprocess.Popen(train_cmd(small_dir, tmp_path / "whole", *args), cwd=HERE, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(train_cmd(small_dir, tmp_path / "killed", *args), cwd=HERE, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "killed" / "ckpt" / "ckpt.json"
+    deadline = time.time() + 240
+    while killed.poll() is None and not meta.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL and json.load(open(meta))["iter_num"] == 3  # killed mid-run
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "killed", *args, "--init_from=resume"))
+    assert code == 0, out[-3000:]
+    assert whole.wait(timeout=240) == 0, whole.stderr.read()[-3000:]
+
+    a, b = tmp_path / "whole" / "ckpt", tmp_path / "killed" / "ckpt"
+    assert json.load(open(a / "ckpt.json"))["iter_num"] == json.load(open(b / "ckpt.json"))["iter_num"] == 7
+    for name in ("state.safetensors", "optim.safetensors", "rank0.safetensors"):  # params | moments | RNG, buffer tensors
+        assert same_tensors(a / name, b / name), name
+    mine_a, mine_b = json.load(open(a / "rank0.json")), json.load(open(b / "rank0.json"))
+    assert mine_a == mine_b and mine_a["data_position"] == [1, 3] and len(mine_a["buffer"]) > 5
+    steps = [[{k: v for k, v in r.items() if k != "time"} for r in read_log(d) if "loss" in r][-4:] for d in (a.parent, b.parent)]
+    assert [r["iter"] for r in steps[1]] == [4, 5, 6, 7] and steps[0] == steps[1]
+
+
+@pytest.fixture(scope="module")
+def two_steps(small_dir, tmp_path_factory):
+    """An out_dir holding the checkpoint of a 2-step run."""
+    out = tmp_path_factory.mktemp("two_steps")
+    code, log = run_cmd(train_cmd(small_dir, out, "--max_iters=2"))
+    assert code == 0, log[-3000:]
+    return out
+
+
+def test_a_kill_during_the_checkpoint_swap_leaves_a_checkpoint_to_resume_from(small_dir, two_steps, tmp_path):
+    shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
+    # killed between save_checkpoint's renames (ckpt -> ckpt.old done, ckpt.tmp -> ckpt not yet), and a
+    # later save killed while writing ckpt.tmp
+    os.rename(tmp_path / "ckpt", tmp_path / "ckpt.old")
+    (tmp_path / "ckpt.tmp").mkdir()
+    (tmp_path / "ckpt.tmp" / "state.safetensors").write_bytes(b"\0" * 10)
+    code, out = run_cmd(train_cmd(small_dir, tmp_path, "--max_iters=3", "--init_from=resume"))
+    assert code == 0, out[-3000:]
+    assert [r["iter"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3]  # went on from step 2
+    assert json.load(open(tmp_path / "ckpt" / "ckpt.json"))["iter_num"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "log.jsonl"]  # ckpt.old and the torn ckpt.tmp are gone
+
+
+@pytest.mark.parametrize("name, spoil", [
+    ("ckpt.json", lambda b: b[:len(b) // 2]),  # truncated JSON
+    ("state.safetensors", lambda b: b[:len(b) // 2]),  # truncated tensors
+    ("optim.safetensors", lambda b: b"\xff" * len(b)),  # garbage of the right size
+    ("rank0.json", lambda b: b"{" + b" " * (len(b) - 1)),  # malformed JSON of the right size
+])
+def test_a_truncated_or_corrupt_checkpoint_is_reported_in_one_line_naming_the_file(small_dir, two_steps, tmp_path, name, spoil):
+    shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "ckpt" / name
+    path.write_bytes(spoil(path.read_bytes()))
+    code, out = run_cmd(train_cmd(small_dir, tmp_path, "--max_iters=3", "--init_from=resume"))
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    assert last_line(out).startswith(f"cannot resume: {path}: "), out[-1000:]
+
+
+def test_nan_losses_skip_both_updates_and_too_many_in_a_row_stop_the_run(small_dir, tmp_path):
+    # NaN at step 2 (skipped, the run goes on), step 3 good, NaN at 4 and 5: two in a row, stop at 5
+    code, out = run_cmd(train_cmd(small_dir, tmp_path, "--max_iters=8", "--ckpt_interval=1", "--debug_nan_at=2,4,5",
+                                  "--max_bad_steps=2"))
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    assert last_line(out).startswith("stopping at iter 5: 2 steps in a row with non-finite values (this one: loss_G=nan"), out[-1000:]
+    log = read_log(tmp_path)
+    bad = [r for r in log if "skipped_update" in r]
+    assert [(r["iter"], r["bad_steps"]) for r in bad] == [(2, 1), (4, 2), (5, 3)]
+    assert all(r["skipped_update"][0].startswith("loss_G=nan") and "loss=nan" in r["skipped_update"] for r in bad)
+    assert log[-1]["iter"] == 5 and "stopped" in log[-1]
+    assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
+    # the last good checkpoint, step 4's, is intact; both players updated at steps 1 and 3 only
+    meta = json.load(open(tmp_path / "ckpt" / "ckpt.json"))
+    assert (meta["iter_num"], meta["bad_steps"], meta["bad_in_row"]) == (4, 2, 1)
+    moments = load_file(tmp_path / "ckpt" / "optim.safetensors")
+    adam_steps = {k: v.item() for k, v in moments.items() if k.endswith(".step")}
+    assert any(k.startswith("perturber.") for k in adam_steps) and set(adam_steps.values()) == {2.0}
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "ckpt" / "state.safetensors").values())
+    assert all(torch.isfinite(v).all() for v in moments.values())
+
+
+def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_path):
+    code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--max_iters=0",
+                         "--vq_iters=5", "--hard_bs=-1", "--q_hard=1.5", "--eps_min=0.2", "--eps_max=0.1", "--lora_r=0",
+                         "--export_dtype=float8", "--train_n=8", "--batch_size=16", "--debug_nan_at=x", "--max_bad_steps=0",
+                         f"--init_from={tmp_path / 'nothing'}"])
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    for message in ["max_iters=0: must be >= 1", "vq_iters=5: more than max_iters=0",
+                    "vq_iters=5, w_vq=0.0 train the VQ model, but train_modules='' leaves it frozen",
+                    "hard_bs=-1: must be >= 0", "q_hard=1.5: a quantile, must lie in [0, 1]",
+                    "eps_min=0.2, eps_init=0.15, eps_max=0.1: need 0 <= eps_min < eps_init < eps_max",
+                    "nothing trains: lora_r=0 and train_modules=''", "export_dtype='float8'",
+                    "train_n=8: fewer samples than one global batch, batch_size*world_size=16*1",
+                    "debug_nan_at='x': expected a comma list of iterations", "max_bad_steps=0: must be >= 1",
+                    f"init_from='{tmp_path / 'nothing'}': expected 'scratch', 'resume' or a Hugging Face model directory"]:
+        assert f"config error: {message}" in out, (message, out[-3000:])
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+def test_mine_generate_without_a_generation_head_fails_before_the_weights_load(small_dir, tmp_path):
+    from safetensors.torch import save_file as save_tensors
+    model = tmp_path / "no_generation_head"
+    shutil.copytree(small_dir, model)
+    weights = load_file(model / "model.safetensors")
+    save_tensors({k: v for k, v in weights.items() if ".generation_head." not in k}, model / "model.safetensors", metadata={"format": "pt"})
+    code, out = run_cmd(train_cmd(model, tmp_path / "out", "--mine=generate", "--max_iters=1"))
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    assert last_line(out) == f"config error: mine='generate' needs a generation head, but {model} has no generation_head weights"
+
+
+def shapes_manifest(folder, n_good, n_corrupt):
+    """A JSONL manifest of n_good shapes-world PNGs, then n_corrupt images that are listed and exist but do not
+    decode (a text file named .png, a truncated PNG): found bad only when the loader reaches them mid-epoch.
+    They come last, so the evaluation samples (the first eval_n) are good."""
+    lines = []
+    for i, s in enumerate(data.shapes_world("train", n_good, seed=0)):
+        Image.fromarray(s["image"].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        lines.append({"image": f"{i}.png", "question": s["question"], "answers": s["answers"], "caption": s["caption"]})
+    png = (folder / "0.png").read_bytes()
+    for j in range(n_corrupt):
+        (folder / f"corrupt{j}.png").write_bytes(b"not an image" if j % 2 == 0 else png[:len(png) // 2])
+        lines.append({**lines[j], "image": f"corrupt{j}.png"})
+    (folder / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder / "m.jsonl"
+
+
+def test_corrupt_images_mid_epoch_are_skipped_and_counted_or_stop_the_run_named(small_dir, tmp_path):
+    manifest = shapes_manifest(tmp_path, 14, 2)  # 16 samples: the 4 steps of one epoch meet both corrupt ones
+    args = ["--dataset=jsonl", f"--jsonl_path={manifest}", "--max_iters=4"]
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "skip", *args, "--skip_bad=True"))
+    assert code == 0, out[-3000:]
+    assert "skipped 2 unreadable images in training" in out and "corrupt0.png" in out
+    assert [r["skipped"] for r in read_log(tmp_path / "skip") if "loss" in r][-1] == 2
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "stop", *args))  # skip_bad=False
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    assert re.fullmatch(rf"data error: {re.escape(str(tmp_path))}/corrupt[01]\.png: cannot decode image .* "
+                        r"\(skip_bad=True skips and counts such samples\)", last_line(out)), out[-1000:]
+
+
+def test_a_failing_ddp_rank_brings_the_job_down_with_its_error_instead_of_hanging(small_dir, tmp_path):
+    manifest = shapes_manifest(tmp_path, 15, 1)  # 16 samples, 8 a rank: one rank meets the corrupt image, one does not
+    start = time.time()
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "out", "--dataset=jsonl", f"--jsonl_path={manifest}", "--max_iters=2",
+                                  "--ddp_timeout_s=600", nproc=2), timeout=240)
+    assert code != 0 and f"data error: {tmp_path}/corrupt0.png: cannot decode image" in out, out[-3000:]
+    assert time.time() - start < 200  # torchrun stopped the waiting rank; it did not sit out its 600 s timeout
+
+
+def test_ddp_checkpoints_hold_each_ranks_own_state_and_resume_with_ranks_in_agreement(small_dir, tmp_path):
+    code, out = run_cmd(train_cmd(small_dir, tmp_path, "--max_iters=2", "--ddp_check_interval=1", nproc=2))
+    assert code == 0 and "iter 2: parameters identical on all 2 ranks" in out, out[-3000:]
+    ckpt = tmp_path / "ckpt"
+    assert json.load(open(ckpt / "ckpt.json"))["world_size"] == 2
+    sources = [[item["source"] for item in json.load(open(ckpt / f"rank{r}.json"))["buffer"]] for r in (0, 1)]
+    assert sources[0] and sources[1] and not set(sources[0]) & set(sources[1])  # each rank mined its own shard
+    code, out = run_cmd(train_cmd(small_dir, tmp_path, "--max_iters=3", "--ddp_check_interval=1", "--init_from=resume", nproc=2))
+    assert code == 0 and "iter 3: parameters identical on all 2 ranks" in out, out[-3000:]
+    code, out = run_cmd(train_cmd(small_dir, tmp_path, "--max_iters=4", "--init_from=resume"))  # one process: refused, named
+    assert code != 0 and last_line(out).startswith(f"cannot resume: {ckpt} was written by 2 processes, this run has 1"), out[-1000:]
+
+
+def test_no_pickles_anywhere_every_torch_load_is_weights_only():
+    for name in sorted(os.listdir(HERE)):
+        if name.endswith(".py"):
+            for n, line in enumerate(open(os.path.join(HERE, name)), 1):
+                assert not re.match(r"\s*(import pickle|from pickle|import dill)", line), f"{name}:{n}"
+                if re.search(r"torch\.load\(", line):
+                    assert "weights_only=True" in line, f"{name}:{n}: {line.strip()}"

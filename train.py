@@ -10,14 +10,17 @@ Every module-level name below is a configuration key; config/*.py files and --ke
 override them (configurator.py). Unknown keys are errors.
 """
 
+import datetime
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -25,7 +28,7 @@ import data
 from eval import evaluate, perturbed_embed, understanding_accuracy
 import torch.nn.functional as F
 from buffer import HardBuffer, hardness, select_hard
-from model import UMM, add_lora, build_tokenizer, clip_scorer, tiny_config
+from model import UMM, add_lora, build_tokenizer, clip_scorer, save_perturber, tiny_config
 from perturber import Perturber, regularizer
 
 # -----------------------------------------------------------------------------------------------
@@ -60,8 +63,11 @@ gradient_checkpointing = False
 w_clean = 1.0  # understanding cross-entropy on the clean batch
 w_gen = 0.0  # text-to-image cross-entropy over VQ codes (keeps generation trained; the base uses 1.0)
 gen_uncond_p = 0.1  # share of text-to-image samples trained with the unconditional prompt (for guidance)
+gen_bs = 0  # the text-to-image loss uses the first gen_bs samples of each batch (0: all of them)
+caption_p = 0.0  # share of understanding samples asked to describe the image instead (answer: its caption);
+#   the base recipe uses it: a caption names every object's colour, shape and place, a one-word answer only one
 w_vq = 0.0  # VQ reconstruction + codebook loss (training the VQ model)
-vq_iters = 0  # scratch: the first vq_iters steps train the VQ model alone, then it is frozen
+vq_iters = 0  # scratch: the first vq_iters steps also train the VQ model; then it is frozen and text-to-image starts
 # the game (game=False: the SFT baseline, same data, steps and optimizer)
 game = True
 perturb_at = "vq"  # 'vq': codebook-space tokens, projected and decoded | 'aligner': tokens after the aligner
@@ -102,15 +108,63 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype
 compile = torch.cuda.is_available()
 threads = 0  # CPU threads for torch (0: torch's default)
 ddp_check_interval = 0  # debug: every this many steps, check that all ranks hold identical trained parameters
+ddp_timeout_s = 600  # a collective waiting longer fails: a stuck rank ends the job instead of hanging it (rank 0 evaluates alone meanwhile)
+max_bad_steps = 20  # a non-finite loss or gradient skips that update; this many in a row stop the run
+debug_nan_at = ""  # test hook: comma list of iterations (numbered as logged, from 1) whose losses are made NaN
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: globals()[k] for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (int, float, bool, str))}
 # -----------------------------------------------------------------------------------------------
+
+# start-up checks: impossible settings stop here, all of them named, before any data or weights are read
+parts = ("vision", "aligner", "lm", "gen", "vq")  # what train_modules can name (fully trained groups of modules)
+chosen = list(parts) if train_modules == "all" else [g for g in train_modules.split(",") if g]
+try:
+    debug_nan = {int(i) for i in debug_nan_at.split(",") if i.strip()}
+except ValueError:
+    debug_nan = None
+n_procs = int(os.environ.get("WORLD_SIZE", 1))
+at_least = dict(max_iters=1, batch_size=1, hard_bs=0, lora_r=0, vq_iters=0, cand_k=1, hard_topk=1, mine_stride=1, buffer_capacity=1,
+                eval_n=1, log_interval=1, ckpt_interval=1, max_bad_steps=1, eval_interval=0, ddp_check_interval=0, num_workers=0, threads=0)
+problems = [f"{k}={globals()[k]}: must be >= {least}" for k, least in at_least.items() if globals()[k] < least]
+problems += [msg for bad, msg in [
+    (not 0 <= q_hard <= 1, f"q_hard={q_hard}: a quantile, must lie in [0, 1]"),
+    (not 0 <= eps_min < eps_init < eps_max, f"eps_min={eps_min}, eps_init={eps_init}, eps_max={eps_max}: need 0 <= eps_min < eps_init < eps_max"),
+    (vq_iters > max_iters, f"vq_iters={vq_iters}: more than max_iters={max_iters}"),
+    ((vq_iters or w_vq) and "vq" not in chosen, f"vq_iters={vq_iters}, w_vq={w_vq} train the VQ model, but train_modules={train_modules!r} leaves it frozen: add 'vq'"),
+    (lora_r == 0 and not chosen, "nothing trains: lora_r=0 and train_modules='': set train_modules and/or lora_r"),
+    (set(chosen) - set(parts), f"train_modules={train_modules!r}: unknown part(s) {sorted(set(chosen) - set(parts))}; parts: {', '.join(parts)} or 'all'"),
+    (not 0 <= lora_dropout < 1, f"lora_dropout={lora_dropout}: must lie in [0, 1)"),
+    (perturb_at not in ("vq", "aligner"), f"perturb_at={perturb_at!r}: expected 'vq' or 'aligner'"),
+    (mine not in ("decode", "generate"), f"mine={mine!r}: expected 'decode' or 'generate'"),
+    (buffer_rule not in ("consistent", "published"), f"buffer_rule={buffer_rule!r}: expected 'consistent' or 'published'"),
+    (buffer_temperature <= 0, f"buffer_temperature={buffer_temperature}: must be > 0"),
+    (clip_path and perturb_at != "vq", "clip_path scores images, but perturb_at='aligner' candidates are not images: use perturb_at='vq'"),
+    (clip_path and not os.path.isdir(clip_path), f"clip_path={clip_path!r}: no such directory"),
+    (not 0 <= gen_uncond_p <= 1, f"gen_uncond_p={gen_uncond_p}: a probability, must lie in [0, 1]"),
+    (export_dtype not in ("float32", "float16", "bfloat16"), f"export_dtype={export_dtype!r}: expected 'float32', 'float16' or 'bfloat16'"),
+    (dtype not in ("float32", "float16", "bfloat16"), f"dtype={dtype!r}: expected 'float32', 'float16' or 'bfloat16'"),
+    (device.startswith("cuda") and not torch.cuda.is_available(), f"device={device!r}, but CUDA is not available here"),
+    (dataset not in ("shapes", "vqav2", "jsonl"), f"dataset={dataset!r}: expected 'shapes', 'vqav2' or 'jsonl'"),
+    (dataset == "shapes" and train_n < batch_size * n_procs, f"train_n={train_n}: fewer samples than one global batch, batch_size*world_size={batch_size}*{n_procs}"),
+    (dataset == "jsonl" and not os.path.isfile(jsonl_path), f"dataset='jsonl': jsonl_path={jsonl_path!r} is not a file"),
+    (dataset == "vqav2" and not (os.path.isfile(vqav2_questions) and os.path.isfile(vqav2_annotations) and os.path.isdir(vqav2_images)),
+     f"dataset='vqav2': need the files vqav2_questions={vqav2_questions!r}, vqav2_annotations={vqav2_annotations!r} and the folder vqav2_images={vqav2_images!r}"),
+    (init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(init_from, "config.json")),
+     f"init_from={init_from!r}: expected 'scratch', 'resume' or a Hugging Face model directory (it has no config.json)"),
+    (ddp_timeout_s <= 0, f"ddp_timeout_s={ddp_timeout_s}: must be > 0"),
+    (grad_clip <= 0, f"grad_clip={grad_clip}: must be > 0"),
+    (debug_nan is None, f"debug_nan_at={debug_nan_at!r}: expected a comma list of iterations, e.g. '3,5'"),
+] if bad]
+if problems:
+    raise SystemExit("\n".join(f"config error: {p}" for p in problems))
 
 # distributed set-up from torchrun's environment; one process otherwise
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, timeout=__import__("datetime").timedelta(minutes=10))
+    # with a timeout, a collective whose peers died or hung raises instead of waiting forever; an exception on
+    # any rank ends that process with a non-zero code, and torchrun then stops the others
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=ddp_timeout_s))
     rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -130,14 +184,15 @@ if master:
 if dataset == "shapes":
     records = data.shapes_world("train", train_n, seed=0)
     eval_records = data.shapes_world("test", eval_n, seed=0)
-elif dataset == "vqav2":
-    records = data.load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)
+else:  # real files: a bad record stops the run with its file and line named (or is skipped: skip_bad)
+    try:
+        if dataset == "vqav2":
+            records = data.load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)
+        else:
+            records = data.load_jsonl(jsonl_path, skip_bad=skip_bad)
+    except data.BadData as e:
+        raise SystemExit(f"data error: {e}") from None
     eval_records = records[:eval_n]  # a held-out VQAv2 split is eval.py's job
-elif dataset == "jsonl":
-    records = data.load_jsonl(jsonl_path, skip_bad=skip_bad)
-    eval_records = records[:eval_n]
-else:
-    raise SystemExit(f"config error: dataset={dataset!r}: expected 'shapes', 'vqav2' or 'jsonl'")
 if len(records) < batch_size * world_size:
     raise SystemExit(f"config error: {len(records)} training samples, fewer than batch_size*world_size={batch_size * world_size}")
 if w_gen and not all(r["caption"] for r in records):
@@ -147,19 +202,56 @@ loader = data.make_loader(data.Records(records, skip_bad=skip_bad), batch_size, 
                           num_workers=num_workers)
 
 # ---- model ------------------------------------------------------------------------------------
+def read_checkpoint_file(path, size=None):
+    """A checkpoint file: JSON, or the tensors of a safetensors file. A missing, truncated (its size is not
+    the `size` ckpt.json recorded) or corrupt file stops the run with one line naming it."""
+    try:
+        if size is not None and os.path.getsize(path) != size:
+            raise ValueError(f"{os.path.getsize(path)} bytes where ckpt.json recorded {size}: truncated?")
+        if path.endswith(".json"):
+            with open(path) as f:
+                return json.load(f)
+        return load_file(path)
+    except Exception as e:  # OSError, JSONDecodeError, SafetensorError, ...: one line, not a stack trace
+        raise SystemExit(f"cannot resume: {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+
+
+def weight_names(path):
+    """Names of the tensors in a Hugging Face directory's safetensors files, read from their headers alone."""
+    names = set()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, name), "pt") as f:
+                    names.update(f.keys())
+            except Exception as e:
+                raise SystemExit(f"cannot read {os.path.join(path, name)}: {type(e).__name__}: {e}") from None
+    return names
+
+
 ckpt_dir = os.path.join(out_dir, "ckpt")
 resume = init_from == "resume"
 if resume:
-    try:
-        with open(os.path.join(ckpt_dir, "ckpt.json")) as f:
-            ckpt_meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"cannot resume: {os.path.join(ckpt_dir, 'ckpt.json')}: {e}") from None
+    # save_checkpoint swaps ckpt.old in by renames: a kill between them leaves ckpt.old the newest complete one
+    resume_dir = ckpt_dir if os.path.exists(os.path.join(ckpt_dir, "ckpt.json")) or not os.path.isdir(ckpt_dir + ".old") else ckpt_dir + ".old"
+    ckpt_meta = read_checkpoint_file(os.path.join(resume_dir, "ckpt.json"))
+    lacking = {"iter_num", "base", "world_size", "sizes", "bad_in_row"} - set(ckpt_meta)
+    if lacking:
+        raise SystemExit(f"cannot resume: {resume_dir}/ckpt.json lacks {sorted(lacking)} (written by an older train.py?)")
     base = ckpt_meta["base"]
+    if ckpt_meta["world_size"] != world_size:
+        raise SystemExit(f"cannot resume: {resume_dir} was written by {ckpt_meta['world_size']} processes, this run has {world_size}: "
+                         "each rank's hard buffer, RNG and place in the data resume exactly only with the same number")
 else:
     base = init_from
+if base != "scratch":  # what the weights hold, read from the safetensors headers before loading them
+    held = weight_names(base)  # empty for a directory without safetensors files: then nothing is checked here
+    if held and game and mine == "generate" and not any(".generation_head." in n for n in held):
+        raise SystemExit(f"config error: mine='generate' needs a generation head, but {base} has no generation_head weights")
+    if held and game and perturb_at == "vq" and not any(".vqmodel." in n for n in held):
+        raise SystemExit(f"config error: perturb_at='vq' needs the VQ model, but {base} has no vqmodel weights: use perturb_at='aligner'")
 if base == "scratch":
-    texts = [s["question"] for s in records] + [s["caption"] for s in records] + [a for s in records for a in s["answers"]]
+    texts = [s["question"] for s in records] + [s["caption"] for s in records] + [a for s in records for a in s["answers"]] + [data.DESCRIBE]
     tok = build_tokenizer(texts, tokenizer_vocab)
     umm = UMM.from_config(tiny_config(tok), tok)
 else:
@@ -172,10 +264,6 @@ if gradient_checkpointing:
 jm = umm.janus.model
 groups = {"vision": [jm.vision_model], "aligner": [jm.aligner], "lm": [jm.language_model, umm.janus.lm_head],
           "gen": [jm.generation_embeddings, jm.generation_aligner, jm.generation_head], "vq": [jm.vqmodel]}
-chosen = list(groups) if train_modules == "all" else [g for g in train_modules.split(",") if g]
-for g in chosen:
-    if g not in groups:
-        raise SystemExit(f"config error: train_modules has unknown part {g!r}; parts: {', '.join(groups)}")
 umm.requires_grad_(False)
 for g in chosen:
     for m in groups[g]:
@@ -191,16 +279,11 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, 
                               lr=lr, betas=(beta1, beta2))
 
 # the adversary: a perturber at the visual-token interface, its optimizer, and the hard buffer
-if perturb_at not in ("vq", "aligner") or mine not in ("decode", "generate") or buffer_rule not in ("consistent", "published"):
-    raise SystemExit(f"config error: perturb_at={perturb_at!r} (vq|aligner), mine={mine!r} (decode|generate), "
-                     f"buffer_rule={buffer_rule!r} (consistent|published)")
 token_dim = umm.codebook.shape[1] if perturb_at == "vq" else umm.janus.config.text_config.hidden_size
 perturber = Perturber(token_dim, eps_min=eps_min, eps_max=eps_max, eps_init=eps_init, relative=eps_relative).to(device)
 opt_G = torch.optim.AdamW(perturber.parameters(), lr=lr_G, weight_decay=0.0)
 buffer = HardBuffer(buffer_capacity, buffer_temperature)  # per rank: each process mines and trains on its own
 grid = (umm.grid, umm.grid)
-if clip_path and perturb_at != "vq":
-    raise SystemExit("config error: clip_path scores images, but perturb_at='aligner' candidates are not images; use perturb_at='vq'")
 clip_score = clip_scorer(clip_path, device) if clip_path else None
 if compile:
     jm.language_model.compile()
@@ -238,15 +321,34 @@ def sync_grads(tensors):
 
 
 def check_ranks_agree(it):
-    """Debug: every rank must hold the same trained parameters (LoRA / modules and the perturber)."""
-    flat = torch.cat([p.detach().float().flatten() for p in [*params.values(), *perturber.parameters()]])
-    fingerprint = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device) % 997).sum()])
-    everyone = [torch.zeros_like(fingerprint) for _ in range(world_size)]
-    dist.all_gather(everyone, fingerprint)
-    if any(not torch.equal(f, everyone[0]) for f in everyone):
-        raise RuntimeError(f"iter {it}: ranks hold different parameters: {[f.tolist() for f in everyone]}")
+    """Debug (ddp_check_interval): every rank must hold exactly rank 0's trained parameters (LoRA / modules
+    and the perturber), bit for bit. A rank that drifted stops the job, naming the ranks and the first tensor."""
+    named = {**params, **{f"perturber.{n}": p for n, p in perturber.named_parameters()}}
+    flat = torch.cat([p.detach().flatten().float() for p in named.values()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    differs = [torch.zeros(1, device=flat.device) for _ in range(world_size)]
+    dist.all_gather(differs, torch.tensor([float(not torch.equal(flat, ref))], device=flat.device))
+    drifted = [r for r, d in enumerate(differs) if d.item()]
+    if drifted:
+        sizes = [p.numel() for p in named.values()]
+        first = next((n for n, a, b in zip(named, flat.split(sizes), ref.split(sizes)) if not torch.equal(a, b)), None)
+        raise RuntimeError(f"iter {it}: ranks {drifted} hold trained parameters different from rank 0's"
+                           + (f" (here, rank {rank}: first {first})" if first else ""))
     if master:
         tqdm.write(f"iter {it}: parameters identical on all {world_size} ranks")
+
+
+def nonfinite(**values):
+    """The non-finite ones among these tensors, as 'name=value', e.g. ['loss=nan']. Ranks agree: when any
+    rank finds one, every rank gets a non-empty list and skips the update, so they stay in step."""
+    found = [f"{k}={v.item():.3g}" for k, v in values.items() if not torch.isfinite(v).all()]
+    if ddp:
+        anywhere = torch.tensor([float(bool(found))], device=device)
+        dist.all_reduce(anywhere)
+        if anywhere.item() and not found:
+            found = ["on another rank"]
+    return found
 
 
 def hard_embeds(items):
@@ -274,57 +376,99 @@ def load_optimizer(opt, names, prefix, tensors):
     opt.load_state_dict(sd)
 
 
+def fsync(path):
+    """Flush a file, or a directory's list of entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(it):
-    """out_dir/ckpt: state.safetensors (trained tensors and the perturber), optim.safetensors (AdamW
-    moments), buffer.safetensors + buffer.json (the hard buffer), ckpt.json (step, config, where each
-    piece is), model/ (the merged model in HF format). Written beside and swapped in by rename."""
-    tmp = ckpt_dir + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    state = {n: p.detach().contiguous().cpu() for n, p in params.items()}
-    state.update({f"perturber.{n}": p.detach().contiguous().cpu() for n, p in perturber.named_parameters()})
-    save_file(state, os.path.join(tmp, "state.safetensors"))
+    """out_dir/ckpt: state.safetensors (trained tensors and the perturber), optim.safetensors (both AdamW
+    states), rank{r}.safetensors + rank{r}.json (what each process alone holds: its RNG state, its hard
+    buffer, its place in the data, the samples it skipped), ckpt.json (step, config, counters, file sizes)
+    and model/ (the merged model in HF format). Called on every rank; rank r writes rank{r}.*, rank 0 the rest.
+    Atomic: all goes to ckpt.tmp, is flushed to disk, and only then replaces ckpt, by renames (ckpt -> ckpt.old,
+    ckpt.tmp -> ckpt), so a kill at any moment leaves a complete checkpoint: ckpt, or between the renames ckpt.old."""
+    tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
+    named = {**params, **{f"perturber.{n}": p for n, p in perturber.named_parameters()}}
+    bad = [n for n, p in named.items() if not torch.isfinite(p).all()]
+    bad += ["optimizer moments"] * any(not torch.isfinite(v).all() for o in (optimizer, opt_G) for s in o.state.values() for v in s.values())
+    if bad:  # every rank holds the same parameters, so every rank stops here
+        raise SystemExit(f"iter {it}: not writing a checkpoint with non-finite values (in {bad[:3]}); {ckpt_dir} is left as it was")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a kill during an earlier save left
+        os.makedirs(tmp)
+    if ddp:
+        dist.barrier()
+    bs = buffer.state_dict()
+    own = {"rng.cpu": torch.get_rng_state(), "buffer.H": bs["H"]}
+    if device_type == "cuda":
+        own["rng.cuda"] = torch.cuda.get_rng_state(device)
+    own.update({f"buffer.{i}.{k}": v.contiguous() for i, item in enumerate(bs["items"]) for k, v in item.items() if torch.is_tensor(v)})
+    save_file(own, os.path.join(tmp, f"rank{rank}.safetensors"))
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump({"data_position": data_position, "skipped": skipped,
+                   "buffer": [{k: v for k, v in item.items() if not torch.is_tensor(v)} for item in bs["items"]]}, f)
+    if ddp:
+        dist.barrier()  # every rank's files are written
+    if not master:
+        return
+    save_file({n: p.detach().contiguous().cpu() for n, p in named.items()}, os.path.join(tmp, "state.safetensors"))
     moments = optimizer_tensors(optimizer, list(params), "")
     moments.update(optimizer_tensors(opt_G, [n for n, _ in perturber.named_parameters()], "perturber."))
     save_file(moments, os.path.join(tmp, "optim.safetensors"))
-    bs = buffer.state_dict()
-    save_file({"H": bs["H"].contiguous(), **{f"{i}.{k}": v.contiguous() for i, item in enumerate(bs["items"])
-                                              for k, v in item.items() if torch.is_tensor(v)}},
-              os.path.join(tmp, "buffer.safetensors"))
-    with open(os.path.join(tmp, "buffer.json"), "w") as f:
-        json.dump([{k: v for k, v in item.items() if not torch.is_tensor(v)} for item in bs["items"]], f)
     umm.save_pretrained(os.path.join(tmp, "model"))
-    meta = {"iter_num": it, "config": config, "base": base, "state": "state.safetensors", "optimizer": "optim.safetensors",
-            "buffer": ["buffer.safetensors", "buffer.json"], "model": "model"}
+    if game:  # the perturber alone beside the merged model: perturber.safetensors + perturber.json
+        save_perturber(perturber, os.path.join(tmp, "model"), perturb_at=perturb_at)
+    sizes = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if os.path.isfile(os.path.join(tmp, f))}
+    meta = {"iter_num": it, "config": config, "base": base, "world_size": world_size, "bad_steps": bad_steps,
+            "bad_in_row": bad_in_row, "sizes": sizes, "model": "model"}
     with open(os.path.join(tmp, "ckpt.json"), "w") as f:
         json.dump(meta, f, indent=2)
+    for folder, _, files in os.walk(tmp):  # on disk before the swap: a rename must never expose unwritten data
+        for f in files:
+            fsync(os.path.join(folder, f))
+        fsync(folder)
     if os.path.isdir(ckpt_dir):
-        os.replace(ckpt_dir, ckpt_dir + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ckpt_dir, old)
     os.replace(tmp, ckpt_dir)
-    if os.path.isdir(ckpt_dir + ".old"):
-        __import__("shutil").rmtree(ckpt_dir + ".old")
+    fsync(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint():
-    state = load_file(os.path.join(ckpt_dir, ckpt_meta["state"]))
+    """What save_checkpoint wrote, from resume_dir, into the parameters, both optimizers, this rank's buffer
+    and RNG. Returns the loop's state: (iter_num, data_position, skipped, bad_steps, bad_in_row)."""
+    def read(name):
+        return read_checkpoint_file(os.path.join(resume_dir, name), ckpt_meta["sizes"].get(name))
+    state = read("state.safetensors")
     named = {**params, **{f"perturber.{n}": p for n, p in perturber.named_parameters()}}
-    missing = set(named) - set(state)
-    if missing:
-        raise SystemExit(f"{ckpt_dir}/{ckpt_meta['state']}: lacks trained tensors {sorted(missing)[:5]}")
+    wrong = [n for n in named if n not in state or state[n].shape != named[n].shape]
+    if wrong:
+        raise SystemExit(f"cannot resume: {resume_dir}/state.safetensors: no tensor of the right shape for {wrong[:3]} "
+                         "(trained with other lora_r / train_modules / perturb_at?)")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(state[n])
-    moments = load_file(os.path.join(ckpt_dir, ckpt_meta["optimizer"]))
+    moments = read("optim.safetensors")
     load_optimizer(optimizer, list(params), "", moments)
     load_optimizer(opt_G, [n for n, _ in perturber.named_parameters()], "perturber.", moments)
-    tensors = load_file(os.path.join(ckpt_dir, ckpt_meta["buffer"][0]))
-    with open(os.path.join(ckpt_dir, ckpt_meta["buffer"][1])) as f:
-        items = json.load(f)
-    for k, v in tensors.items():  # "{item index}.{key}" -> that item's tensor
-        if k != "H":
-            i, key = k.split(".", 1)
+    own, info = read(f"rank{rank}.safetensors"), read(f"rank{rank}.json")
+    items = info["buffer"]
+    for k, v in own.items():  # "buffer.{item index}.{key}" -> that item's tensor
+        if k.startswith("buffer.") and k != "buffer.H":
+            i, key = k[len("buffer."):].split(".", 1)
             items[int(i)][key] = v
-    buffer.load_state_dict({"capacity": buffer_capacity, "temperature": buffer_temperature, "H": tensors["H"], "items": items})
-    return ckpt_meta["iter_num"]
+    buffer.load_state_dict({"capacity": buffer_capacity, "temperature": buffer_temperature, "H": own["buffer.H"], "items": items})
+    torch.set_rng_state(own["rng.cpu"])
+    if device_type == "cuda" and "rng.cuda" in own:
+        torch.cuda.set_rng_state(own["rng.cuda"], device)
+    return (ckpt_meta["iter_num"], tuple(info["data_position"]), [tuple(s) for s in info["skipped"]],
+            ckpt_meta["bad_steps"], ckpt_meta["bad_in_row"])
 
 
 def summary():
@@ -337,26 +481,40 @@ def summary():
 
 
 torch.manual_seed(seed + rank)  # from here on, dropout and the mining jitter differ between ranks
-iter_num = load_checkpoint() if resume else 0
+# the loop's own state; a checkpoint holds it all, so a resumed run goes on exactly as an uninterrupted one
+iter_num, data_position, skipped, bad_steps, bad_in_row = 0, (0, 0), [], 0, 0
+if resume:  # parameters, both optimizers, and this rank's hard buffer, RNG state and place in the data
+    iter_num, data_position, skipped, bad_steps, bad_in_row = load_checkpoint()
 log_path = os.path.join(out_dir, "log.jsonl")
-batches = data.infinite_batches(loader, epoch=iter_num * batch_size * world_size // max(1, len(records)))
+batches = data.infinite_batches(loader, *data_position)  # (epoch, batch): the shuffled order goes on where it stood
 before = summary() if master and not resume else None
 
 # ---- the loop ---------------------------------------------------------------------------------
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
-skipped, t0 = [], time.time()
+t0 = time.time()
 while iter_num < max_iters:
     for g in optimizer.param_groups:
         g["lr"] = lr_at(iter_num)
-    batch = next(batches)
+    try:
+        batch = next(batches)
+    except data.BadData as e:  # skip_bad=False: an image that does not decode stops the run, named (the last
+        # line of the message: from a DataLoader worker it comes after the worker's traceback)
+        raise SystemExit(f"data error: {str(e).strip().splitlines()[-1].split('BadData: ', 1)[-1]} "
+                         "(skip_bad=True skips and counts such samples)") from None
+    data_position = batch["position"]
     skipped += batch["skipped"]
     if not batch["images"]:  # every sample of this batch was unreadable (skip_bad): counted above, draw another
         continue
     pixels = umm.preprocess(batch["images"])
     questions, captions, B = batch["questions"], batch["captions"], len(batch["questions"])
     answers = [max(a, key=a.count) for a in batch["answers"]]  # the annotators' most common answer (first on ties)
+    if caption_p:
+        describe = [bool(c) and torch.rand(()).item() < caption_p for c in captions]
+        questions = [data.DESCRIBE if d else q for d, q in zip(describe, questions)]
+        answers = [c if d else a for d, c, a in zip(describe, captions, answers)]
     umm.train()
-    logs = {}
+    logs, bad_G = {}, []
+    poisoned = iter_num + 1 in debug_nan  # the debug_nan_at test hook: this step's losses are made NaN
 
     if game:
         with ctx:
@@ -370,17 +528,21 @@ while iter_num < max_iters:
             # 4. the perturber's move: maximise the understanding loss on what it made, minus R(delta)
             ce_adv = umm.answer_loss(emb_adv, questions, answers)
             loss_G = -lam * ce_adv.mean() + regularizer(delta, perturber.eps, w_l2, w_tv, w_eps, grid)
+            if poisoned:
+                loss_G = loss_G + float("nan")
         # gradients for the perturber only: the LM takes no weight gradients in this pass
         for p, g in zip(perturber.parameters(), torch.autograd.grad(loss_G, list(perturber.parameters()))):
             p.grad = g
         sync_grads(perturber.parameters())
-        torch.nn.utils.clip_grad_norm_(perturber.parameters(), grad_clip)
-        opt_G.step()
+        grad_norm_G = torch.nn.utils.clip_grad_norm_(perturber.parameters(), grad_clip)
+        bad_G = nonfinite(loss_G=loss_G.detach(), grad_norm_G=grad_norm_G)
+        if not bad_G:  # a NaN / inf loss or gradient: this update is skipped (counted below)
+            opt_G.step()
         opt_G.zero_grad(set_to_none=True)
         logs.update(loss_G=loss_G.item(), adv=ce_adv.mean().item(), eps=perturber.eps.item())
 
         # 5. mine: candidates, their consistency with the text, the hardest kept in the buffer
-        if iter_num % mine_stride == 0:
+        if iter_num % mine_stride == 0 and not bad_G:  # not from a pass that went non-finite
             with torch.no_grad(), ctx:
                 ref = umm.image_embeds(pixels).mean(1)  # s is measured against the real image of the same text
                 cands = []  # (understanding embeds, pixels, CE, what the buffer stores of each candidate)
@@ -431,35 +593,54 @@ while iter_num < max_iters:
             rec, cb, _ = umm.vq_losses(pixels)
             loss = rec + cb
             logs.update(rec=rec.item(), codebook=cb.item())
-        if iter_num >= vq_iters:
-            emb = umm.image_embeds(pixels)
-            if hard:
-                emb = torch.cat([emb, hard_embeds(hard)])
-            ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
-            loss = loss + w_clean * ce[:B].mean() + (ce[B:].mean() if hard else 0.0)
-            logs["und"] = ce[:B].mean().item()
-            if hard:
-                logs["hard"] = ce[B:].mean().item()
-            if w_gen:
-                with torch.no_grad():
-                    codes = umm.image_codes(pixels)
-                ce_gen = umm.image_loss(captions, codes, torch.rand(B) < gen_uncond_p).mean()
-                loss = loss + w_gen * ce_gen
-                logs["gen"] = ce_gen.item()
+        emb = umm.image_embeds(pixels)
+        if hard:
+            emb = torch.cat([emb, hard_embeds(hard)])
+        ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
+        loss = loss + w_clean * ce[:B].mean() + (ce[B:].mean() if hard else 0.0)
+        logs["und"] = ce[:B].mean().item()
+        if hard:
+            logs["hard"] = ce[B:].mean().item()
+        if w_gen and iter_num >= vq_iters:  # the codes are generation's targets: wait until the VQ model holds still
+            n = min(gen_bs or B, B)
+            with torch.no_grad():
+                codes = umm.image_codes(pixels[:n])
+            ce_gen = umm.image_loss(captions[:n], codes, torch.rand(n) < gen_uncond_p).mean()
+            loss = loss + w_gen * ce_gen
+            logs["gen"] = ce_gen.item()
+    if poisoned:
+        loss = loss + float("nan")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sync_grads(params.values())
     grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
-    optimizer.step()
+    bad_D = nonfinite(loss=loss.detach(), grad_norm=grad_norm)
+    if not bad_D:  # skipped, like the perturber's, on a non-finite loss or gradient
+        optimizer.step()
     iter_num += 1
     bar.update(1)
+    # non-finite steps: each is counted and logged; max_bad_steps in a row stop the run. The skipped updates left
+    # the parameters as they were, so the checkpoints (never written with non-finite values) are good ones.
+    bad = bad_G + bad_D
+    bad_steps, bad_in_row = bad_steps + bool(bad), bad_in_row + 1 if bad else 0
+    if bad and master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"iter": iter_num, "skipped_update": bad, "bad_steps": bad_steps}) + "\n")
+    if bad_in_row >= max_bad_steps:
+        msg = (f"stopping at iter {iter_num}: {bad_in_row} steps in a row with non-finite values (this one: {', '.join(bad)}); "
+               f"their updates were skipped, and the last checkpoint, {ckpt_dir}, is intact")
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"iter": iter_num, "stopped": msg}) + "\n")
+        raise SystemExit(msg)
     if ddp and ddp_check_interval and iter_num % ddp_check_interval == 0:
         check_ranks_agree(iter_num)
 
     if master and (iter_num % log_interval == 0 or iter_num == max_iters):
         logs = {"iter": iter_num, "lr": lr_at(iter_num - 1), "loss": loss.item(), "grad_norm": grad_norm.item(), **logs,
-                "time": round(time.time() - t0, 1)}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("und", "loss_G", "eps", "buffer", "gen", "rec")})
+                "bad_steps": bad_steps, "skipped": len(skipped), "time": round(time.time() - t0, 1)}
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("und", "loss_G", "eps", "buffer", "gen", "rec")
+                         or k in ("bad_steps", "skipped") and v})
         with open(log_path, "a") as f:
             f.write(json.dumps(logs) + "\n")
     if master and ((eval_interval and iter_num % eval_interval == 0) or iter_num == max_iters):
@@ -468,16 +649,24 @@ while iter_num < max_iters:
         bar.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         with open(log_path, "a") as f:
             f.write(json.dumps({"iter": iter_num, "eval": res}) + "\n")
-    if master and (iter_num % ckpt_interval == 0 or iter_num == max_iters):
-        save_checkpoint(iter_num)
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        save_checkpoint(iter_num)  # on every rank: each writes its own buffer, RNG and place in the data
 bar.close()
 
+n_skipped = torch.tensor(len(skipped), device=device)
+if ddp:  # every rank skips its own
+    dist.all_reduce(n_skipped)
 if master:
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable samples; first: {skipped[:3]}")
+    if n_skipped or data.skipped:  # images that did not decode in training | records dropped when the data was read
+        print(f"skipped {n_skipped.item()} unreadable images in training{f' (first: {skipped[:3]})' if skipped else ''}"
+              f" and {len(data.skipped)} bad records when reading the data")
+    if bad_steps:
+        print(f"skipped the updates of {bad_steps} steps with non-finite losses or gradients (see {log_path})")
     if export_dir:
         umm.save_pretrained(export_dir, dtype=getattr(torch, export_dtype))
-        print(f"exported the model to {export_dir}")
+        if game:
+            save_perturber(perturber, export_dir, perturb_at=perturb_at)
+        print(f"exported the model{' and the perturber' if game else ''} to {export_dir}")
     after = summary()
     print(f"done: {iter_num} iterations in {time.time() - t0:.0f}s; checkpoint in {ckpt_dir}")
     print(f"{'accuracy on ' + str(len(eval_records)) + ' eval samples':<34}{'before':>8}{'after':>8}")

@@ -1,0 +1,66 @@
+# UniGame post-training of Janus-Pro-1B on VQAv2, with the published hyperparameters (UNIGAME.md).
+#     torchrun --nproc_per_node=8 train.py config/unigame_janus_pro_1b.py
+# Edit the paths below, or override any of them on the command line (--init_from=..., --vqav2_images=...).
+# Figures marked "ours" are choices of this repository, not published values.
+
+# ---- paths ----
+init_from = "checkpoints/Janus-Pro-1B"  # a local Hugging Face directory (e.g. deepseek-community/Janus-Pro-1B)
+vqav2_questions = "data/vqav2/v2_OpenEnded_mscoco_train2014_questions.json"
+vqav2_annotations = "data/vqav2/v2_mscoco_train2014_annotations.json"
+vqav2_images = "data/vqav2/train2014"  # COCO_train2014_000000xxxxxx.jpg
+out_dir = "out/unigame-janus-pro-1b"
+export_dir = "out/unigame-janus-pro-1b/export"  # merged model (HF format) + perturber.safetensors/.json
+export_dtype = "bfloat16"
+
+# ---- data ----
+dataset = "vqav2"
+skip_bad = True  # an unreadable COCO image is skipped and counted, not fatal, in a long multi-GPU run
+num_workers = 4  # JPEG decoding per process
+
+# ---- what trains: LoRA on the LM projections, as published ----
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+train_modules = ""
+gradient_checkpointing = False
+
+# ---- the game ----
+game = True
+# Published: δ on the LM-space understanding tokens (after the aligner), absolute budget ε in [0, 0.02],
+# starting at 0.01. perturb_at='vq' would instead perturb the VQ encoder's codebook-space tokens, project them
+# onto the codebook and decode a real image (decoder-constrained, costlier); there ε is a fraction of each
+# token's norm (eps_relative=True) and must be chosen anew, as no published value exists for that space
+# (the built-in world uses eps_max 0.3, eps_init 0.15).
+perturb_at = "aligner"
+eps_relative = False
+eps_min = 0.0
+eps_max = 0.02
+eps_init = 0.01
+lam = 100.0  # λ, published 80–120
+lr_G = 1e-2  # the perturber's AdamW lr (weight decay 0)
+# Mining: 'decode' uses this batch's perturbed tokens (plus cand_k - 1 jittered draws). The published route is
+# mine='generate' (cand_k images generated per question, with guidance gen_cfg), far costlier per step.
+mine = "decode"
+mine_stride = 1
+cand_k = 2
+gen_cfg = 5.0  # Janus-Pro's usual guidance, used by mine='generate' only
+q_hard = 0.75  # published 0.7–0.8
+hard_topk = 2
+buffer_capacity = 4096
+buffer_temperature = 1.75  # published 1.5–2.0
+hard_bs = 8  # published 6–8
+
+# ---- optimisation ----
+w_clean = 1.0  # published 1.0–1.5
+w_gen = 0.0
+batch_size = 8  # per GPU; published 1–8
+lr = 5e-6  # published 3e-6–5e-6
+min_lr = 5e-7  # ours
+warmup_iters = 100  # ours
+max_iters = 6900  # ours: about one pass over VQAv2 train (443,757 questions) at 8 GPUs x 8
+weight_decay = 0.01
+grad_clip = 1.0
+log_interval = 10
+eval_interval = 1000
+eval_n = 256
+ckpt_interval = 1000
