@@ -48,9 +48,9 @@ repeats = 5
 # the step being timed: train.py's defaults
 lora_r = 16
 perturb_at = "vq"  # 'vq' (train.py's default: decoded images) | 'aligner' (the Janus-Pro configs: cheaper)
-hard_bs = 8
+hard_bs = None  # None: the preset's (8; janus-pro-7b 6, as config/unigame_janus_pro_7b.py)
 cand_k = 2
-mine_cfg = 1.0  # train.py's gen_cfg: guidance of mine='generate'
+mine_cfg = None  # guidance of mine='generate'; None: train.py's gen_cfg (1.0) for tiny, the Janus-Pro configs' 5.0
 gradient_checkpointing = None  # None: the preset's (on for janus-pro-7b)
 n_layer = None  # LM and vision layers; None: the architecture's. Fewer: a quick smoke run of a big preset
 # system
@@ -88,6 +88,8 @@ if preset != "tiny" and device_type == "cpu" and not allow_cpu:
                      f"(no CUDA device here). For a CPU smoke run only: --allow_cpu=True --n_layer=1 --batch_size=1 "
                      f"--repeats=1 --warmup=0")
 B = batch_size or PRESET_BATCH[preset]
+hard_bs = hard_bs if hard_bs is not None else 6 if preset == "janus-pro-7b" else 8
+mine_cfg = mine_cfg if mine_cfg is not None else 1.0 if preset == "tiny" else 5.0
 gen_B = gen_batch or B
 checkpointing = preset == "janus-pro-7b" if gradient_checkpointing is None else gradient_checkpointing
 if threads:
@@ -164,7 +166,7 @@ def batch_of(n):
 batches = {n: batch_of(n) for n in {B, B + hard_bs, 2 * B, gen_B}}
 
 # A full hard buffer (train.py's capacity), so that every timed step pops hard_bs samples whatever
-# mining kept: items are the batch's own codes with random hardness.
+# mining kept: items are made of the batch's own samples, with random hardness.
 buffer = HardBuffer(4096, 1.75)
 with torch.no_grad():
     pixels, questions, answers, _ = batches[B]
@@ -179,25 +181,35 @@ buffer.push(torch.rand(4096), [{**stored[i % B], "question": questions[i % B], "
 
 # ---- the steps ----------------------------------------------------------------------------------
 
+def stamp():
+    """(wall, CPU) seconds. Wall time, device-synchronised, is what a step costs. On a CPU shared with
+    other jobs, this process's CPU time is also kept: single-threaded, it is the wall time an idle core
+    would take, whatever the other jobs do."""
+    sync()
+    return time.perf_counter(), time.process_time()
+
+
+def medians(pairs):
+    return tuple(statistics.median(x) for x in zip(*pairs))
+
+
 class Laps:
-    """Splits a step into phases: lap(name) records the (device-synchronised) time since the last lap."""
+    """Splits a step into phases: lap(name) records the (wall, CPU) time since the last lap."""
 
     def __init__(self):
         self.times, self.on = {}, False
 
     def start(self):
-        sync()
-        self.t = time.perf_counter()
+        self.t = stamp()
 
     def lap(self, name):
-        sync()
-        t = time.perf_counter()
+        t = stamp()
         if self.on:
-            self.times.setdefault(name, []).append(t - self.t)
+            self.times.setdefault(name, []).append((t[0] - self.t[0], t[1] - self.t[1]))
         self.t = t
 
     def medians(self):
-        return {k: statistics.median(v) for k, v in self.times.items()}
+        return {k: medians(v) for k, v in self.times.items()}
 
 
 def hard_embeds(items):  # train.py's
@@ -211,13 +223,13 @@ def hard_embeds(items):  # train.py's
 
 def understanding_step(pixels, questions, answers, hard):
     """train.py's step 6: w_clean * CE(clean) + CE(hard samples), one backward, clip, AdamW."""
-    B = len(questions)
+    n = len(questions)
     with ctx:
         emb = umm.image_embeds(pixels)
         if hard:
             emb = torch.cat([emb, hard_embeds(hard)])
         ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
-        loss = ce[:B].mean() + (ce[B:].mean() if hard else 0.0)
+        loss = ce[:n].mean() + (ce[n:].mean() if hard else 0.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(lora, 1.0)
@@ -294,23 +306,23 @@ def unigame_step(mine, laps):
     return step
 
 
-def generate(static, out):
+def generate(static):
     captions = batches[gen_B][3]
 
     def step():
         umm.eval()
         with ctx:  # on CUDA the frozen weights are bf16 and the LoRA float32: autocast makes them meet
-            out["codes"] = umm.generate_images(captions, cfg_scale=gen_cfg, temperature=1.0, static_cache=static,
-                                               generator=torch.Generator(device).manual_seed(seed))
+            umm.generate_images(captions, cfg_scale=gen_cfg, temperature=1.0, static_cache=static,
+                                generator=torch.Generator(device).manual_seed(seed))
     return step
 
 
 # ---- measuring ----------------------------------------------------------------------------------
 
 def measure(steps, n_warmup, n_repeat, laps):
-    """Median seconds per call of each step and, on CUDA, its peak memory (GiB: allocated by tensors, and
-    held by the caching allocator, which is what must fit). The steps are called round-robin, so that
-    load from other processes on the machine falls on all of them alike."""
+    """Median (wall, CPU) seconds per call of each step and, on CUDA, its peak memory (GiB: allocated by
+    tensors, and held by the caching allocator, which is what must fit). The steps are called
+    round-robin, so that load from other processes on the machine falls on all of them alike."""
     for _ in range(n_warmup):
         for fn in steps.values():
             fn()
@@ -322,17 +334,16 @@ def measure(steps, n_warmup, n_repeat, laps):
         for name, fn in steps.items():
             if device_type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            sync()
-            t = time.perf_counter()
+            t = stamp()
             fn()
-            sync()
-            times[name].append(time.perf_counter() - t)
+            t2 = stamp()
+            times[name].append((t2[0] - t[0], t2[1] - t[1]))
             if device_type == "cuda":
                 now = (torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.max_memory_reserved() / 2 ** 30)
                 peaks[name] = tuple(max(a, b) for a, b in zip(peaks.get(name, (0, 0)), now))
     for lp in laps.values():
         lp.on = False
-    return {name: statistics.median(ts) for name, ts in times.items()}, peaks
+    return {name: medians(ts) for name, ts in times.items()}, peaks
 
 
 def count_flops(fn):
@@ -347,7 +358,7 @@ def count_flops(fn):
             fn()
         sync()
         return counter.get_total_flops()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         print("FLOP count skipped: the step does not fit without gradient checkpointing")
         return None
     finally:
@@ -365,11 +376,10 @@ def peak_flops():
 
 
 laps = {"unigame_decode": Laps(), "unigame_generate": Laps()}
-gen_out = {}
 makers = {"sft": lambda: sft_step(B), "sft_hard": lambda: sft_step(B + hard_bs), "sft_2x": lambda: sft_step(2 * B),
           "unigame_decode": lambda: unigame_step("decode", laps["unigame_decode"]),
           "unigame_generate": lambda: unigame_step("generate", laps["unigame_generate"]),
-          "generate_dynamic": lambda: generate(False, gen_out), "generate_static": lambda: generate(True, gen_out)}
+          "generate_dynamic": lambda: generate(False), "generate_static": lambda: generate(True)}
 steps = {name: makers[name]() for name in chosen}
 seq_len = max(len(umm.prompt_ids(q)) + len(umm.answer_ids(a)) for q, a in zip(*batches[B][1:3]))
 print(f"bench: {preset} | {n_params / 1e6:.1f}M parameters, LoRA r={lora_r} ({sum(p.numel() for p in lora) / 1e6:.2f}M trained)"
@@ -396,12 +406,36 @@ if compile:
 
 # ---- report -------------------------------------------------------------------------------------
 
+cpu = device_type == "cpu"  # on CPU every figure is also given in process CPU time (see stamp)
+
+
+def ratios_of(clock):
+    """The issue's ratios, from wall (clock=0) or CPU (clock=1) times."""
+    t = {name: v[clock] for name, v in timed.items()}
+    mine = {name: ph["mine"][clock] for name, ph in phase_times.items() if "mine" in ph}
+    out = {}
+    for other in ("sft", "sft_hard", "sft_2x"):
+        if other in t and "unigame_decode" in t:
+            out[f"unigame_decode_over_{other}"] = t["unigame_decode"] / t[other]
+    if "sft" in t and "unigame_generate" in t:
+        out["unigame_generate_over_sft"] = t["unigame_generate"] / t["sft"]
+    if len(mine) == 2:  # one mined candidate: the mining phase over the B * cand_k candidates it scores
+        out["ms_per_candidate_decode"] = 1e3 * mine["unigame_decode"] / (B * cand_k)
+        out["ms_per_candidate_generate"] = 1e3 * mine["unigame_generate"] / (B * cand_k)
+        out["generate_over_decode_per_candidate"] = mine["unigame_generate"] / mine["unigame_decode"]
+    if "generate_dynamic" in t and "generate_static" in t:
+        out["static_over_dynamic_speedup"] = t["generate_dynamic"] / t["generate_static"]
+    return out
+
+
 tokens_per_image = umm.num_image_tokens
 results = {}
 for name in steps:
-    t = timed[name]
+    t, t_cpu = timed[name]
     n = {"sft_hard": B + hard_bs, "sft_2x": 2 * B}.get(name, gen_B if name.startswith("generate") else B)
     r = {"batch": n, "ms": 1e3 * t, "samples_per_s": n / t}
+    if cpu:
+        r["cpu_ms"] = 1e3 * t_cpu
     if name.startswith("generate"):
         r["tokens_per_s"] = n * tokens_per_image / t
     if name in peaks:
@@ -410,54 +444,43 @@ for name in steps:
         r["tflops"] = flops[name] / 1e12
         r["mfu"] = flops[name] / t / peak
     if compile:
-        r["eager_ms"] = 1e3 * eager[name]
-        r["compile_speedup"] = eager[name] / t
+        r["eager_ms"] = 1e3 * eager[name][0]
+        r["compile_speedup"] = eager[name][0] / t
     if name in phase_times:
-        r["phases_ms"] = {k: 1e3 * v for k, v in phase_times[name].items()}
+        r["phases_ms"] = {k: 1e3 * v[0] for k, v in phase_times[name].items()}
+        if cpu:
+            r["phases_cpu_ms"] = {k: 1e3 * v[1] for k, v in phase_times[name].items()}
     results[name] = r
-
-ratios = {}
-if "sft" in timed and "unigame_decode" in timed:
-    ratios["unigame_decode_over_sft"] = timed["unigame_decode"] / timed["sft"]
-for other in ("sft_hard", "sft_2x"):
-    if other in timed and "unigame_decode" in timed:
-        ratios[f"unigame_decode_over_{other}"] = timed["unigame_decode"] / timed[other]
-if "sft" in timed and "unigame_generate" in timed:
-    ratios["unigame_generate_over_sft"] = timed["unigame_generate"] / timed["sft"]
-if all(k in phase_times and "mine" in phase_times[k] for k in ("unigame_decode", "unigame_generate")):
-    # cost of one mined candidate: the mining phase over the B * cand_k candidates it scores
-    per_cand = {k: phase_times[k]["mine"] / (B * cand_k) for k in ("unigame_decode", "unigame_generate")}
-    ratios["ms_per_candidate_decode"] = 1e3 * per_cand["unigame_decode"]
-    ratios["ms_per_candidate_generate"] = 1e3 * per_cand["unigame_generate"]
-    ratios["generate_over_decode_per_candidate"] = per_cand["unigame_generate"] / per_cand["unigame_decode"]
-if "generate_dynamic" in timed and "generate_static" in timed:
-    ratios["static_over_dynamic_speedup"] = timed["generate_dynamic"] / timed["generate_static"]
-
+ratios = ratios_of(0)
+ratios_cpu_time = ratios_of(1) if cpu else {}
 peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 print()
-head = f"{'benchmark':<18}{'batch':>6}{'ms':>10}{'samples/s':>11}{'tokens/s':>10}"
-if device_type == "cuda":
+head = f"{'benchmark':<18}{'batch':>6}{'ms':>10}" + (f"{'cpu ms':>10}" if cpu else "") + f"{'samples/s':>11}{'tokens/s':>10}"
+if not cpu:
     head += f"{'alloc GB':>9}{'held GB':>9}{'MFU':>7}"
 if compile:
     head += f"{'eager ms':>10}{'compile x':>10}"
 print(head)
 for name, r in results.items():
-    line = f"{name:<18}{r['batch']:>6}{r['ms']:>10.1f}{r['samples_per_s']:>11.2f}{r.get('tokens_per_s', float('nan')):>10.0f}"
-    if device_type == "cuda":
+    line = f"{name:<18}{r['batch']:>6}{r['ms']:>10.1f}" + (f"{r['cpu_ms']:>10.1f}" if cpu else "")
+    line += f"{r['samples_per_s']:>11.2f}" + (f"{r['tokens_per_s']:>10.0f}" if "tokens_per_s" in r else f"{'-':>10}")
+    if not cpu:
         line += f"{r['peak_mem_gb']:>9.2f}{r['peak_reserved_gb']:>9.2f}" + (f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}")
     if compile:
         line += f"{r['eager_ms']:>10.1f}{r['compile_speedup']:>9.2f}x"
-    print(line.replace("nan", "  -"))
+    print(line)
 for name, r in results.items():
-    if "phases_ms" in r:
-        print(f"  {name} phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items()))
-for k, v in ratios.items():
-    print(f"  {k}: {v:.2f}")
-if device_type == "cpu":
+    for key in ("phases_ms", "phases_cpu_ms"):
+        if key in r:
+            print(f"  {name} {key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.1f}" for k, v in r[key].items()))
+for k in ratios:
+    print(f"  {k}: {ratios[k]:.2f}" + (f"  (CPU time: {ratios_cpu_time[k]:.2f})" if cpu else ""))
+if cpu:
     print(f"  peak memory (process RSS): {peak_rss_gb:.2f} GB")
-print(json.dumps({"preset": preset, "device": device if device_type == "cpu" else torch.cuda.get_device_name(device),
-                  "torch": torch.__version__, "threads": torch.get_num_threads(), "perturb_at": perturb_at, "batch_size": B, "hard_bs": hard_bs,
-                  "cand_k": cand_k, "seq_len": seq_len, "image_tokens": tokens_per_image, "params_m": n_params / 1e6,
-                  "gradient_checkpointing": checkpointing, "compile": compile, "dtype": dtype if device_type == "cuda" else "float32",
-                  "warmup": warmup, "repeats": repeats, "peak_rss_gb": peak_rss_gb, "results": results, "ratios": ratios}))
+print(json.dumps({"preset": preset, "device": device if cpu else torch.cuda.get_device_name(device),
+                  "torch": torch.__version__, "threads": torch.get_num_threads(), "perturb_at": perturb_at, "batch_size": B,
+                  "hard_bs": hard_bs, "cand_k": cand_k, "mine_cfg": mine_cfg, "seq_len": seq_len,
+                  "image_tokens": tokens_per_image, "params_m": n_params / 1e6, "gradient_checkpointing": checkpointing,
+                  "compile": compile, "dtype": "float32" if cpu else dtype, "warmup": warmup, "repeats": repeats,
+                  "peak_rss_gb": peak_rss_gb, "results": results, "ratios": ratios, "ratios_cpu_time": ratios_cpu_time}))

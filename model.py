@@ -89,21 +89,24 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A dropout(x), with B = 0 at start so the wrapped layer is unchanged."""
+    """y = W x + (alpha / r) * B A dropout(x), with B = 0 at start so the wrapped layer is unchanged.
+    A and B are float32 whatever W is: a frozen bfloat16 base halves memory, while AdamW steps of ~1e-6
+    would vanish in bfloat16 weights (under CUDA autocast the matmuls still run in bfloat16)."""
 
     def __init__(self, base, r=16, alpha=32, dropout=0.05):
         super().__init__()
         self.base, self.scale = base, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        lora = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
+        return self.base(x) + lora.to(x.dtype)
 
     def merged_weight(self):
-        return self.base.weight + (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scale
+        return (self.base.weight.float() + (self.lora_B @ self.lora_A) * self.scale).to(self.base.weight.dtype)
 
 
 def add_lora(module, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
@@ -208,10 +211,9 @@ class UMM(nn.Module):
         return cls(janus, tokenizer, **kw)
 
     @classmethod
-    def from_config(cls, config, tokenizer, aligner_init_scale=0.1, **kw):
-        """A freshly initialised model. The aligner's last layer starts small (x0.1), so that image
-        tokens enter the LM near the scale of the text embeddings; in the base recipe's probe this
-        (with train.py's caption_p) mattered more than any other change (README, base model)."""
+    def from_config(cls, config, tokenizer, aligner_init_scale=1.0, **kw):
+        """A freshly initialised model. aligner_init_scale < 1 starts the aligner's last layer small, so
+        that image tokens enter the LM nearer the scale of the text embeddings (README: base model)."""
         janus = JanusForConditionalGeneration(config)
         with torch.no_grad():
             last = ([janus.model.aligner.fc1] + list(janus.model.aligner.hidden_layers))[-1]
@@ -486,8 +488,8 @@ class UMM(nn.Module):
         static_cache: gpt-fast's recipe -- the KV cache allocated once for the whole sequence and the
         attention mask built up front, so every decode step has the same shapes, and on CUDA that step
         compiled with CUDA graphs (torch.compile mode='reduce-overhead'), which takes away the per-token
-        launch overhead that dominates a decode step. None: on CUDA only (on CPU there is no launch
-        overhead to save and compiling costs seconds). Both caches give the same codes.
+        launch overhead that dominates a decode step. None: on CUDA only (on CPU the static cache alone
+        is no faster, and compiling costs more than it saves). Both caches give the same codes.
 
         Generation is inference: it runs in eval mode -- no dropout, and no gradient checkpointing,
         which in train mode silently drops the KV cache -- and leaves every module's mode as it was."""

@@ -87,7 +87,7 @@ class Perturber(nn.Module):
         direction only: every draw still has exactly the budget's length. `generator`
         (on z's device) makes draws repeatable.
         """
-        u = _unit(self.net(z))
+        u = _unit(self.net(z.to(self.net[0].weight.dtype)))  # a float32 perturber on 16-bit tokens
         if noise_std > 0:
             noise = torch.randn(u.shape, generator=generator, device=u.device)
             u = _unit(u + noise_std / math.sqrt(u.shape[-1]) * noise)

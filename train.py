@@ -29,7 +29,7 @@ from eval import evaluate, perturbed_embed, understanding_accuracy
 import torch.nn.functional as F
 from buffer import HardBuffer, hardness, select_hard
 from model import UMM, add_lora, build_tokenizer, clip_scorer, save_perturber, tiny_config
-from perturber import Perturber, regularizer
+from perturber import Perturber, random_like, regularizer
 
 # -----------------------------------------------------------------------------------------------
 # configuration
@@ -57,6 +57,7 @@ tokenizer_vocab = 512  # init_from='scratch' only: BPE vocabulary trained on the
 lora_r = 16  # 0: no LoRA; else LoRA rank on the LM projections (q, k, v, o, gate, up, down)
 lora_alpha = 32
 lora_dropout = 0.05
+load_dtype = "float32"  # weights as loaded: 'bfloat16' halves memory when only LoRA trains (LoRA stays float32)
 train_modules = ""  # comma list of fully trained parts: vision,aligner,lm,gen,vq | all | '' (LoRA only)
 gradient_checkpointing = False
 # objective: loss_D = w_clean*CE(clean) + CE(hard samples) [+ w_gen*CE(image codes) + w_vq*VQ losses]
@@ -67,9 +68,12 @@ gen_bs = 0  # the text-to-image loss uses the first gen_bs samples of each batch
 caption_p = 0.0  # share of understanding samples asked to describe the image instead (answer: its caption);
 #   the base recipe uses it: a caption names every object's colour, shape and place, a one-word answer only one
 w_vq = 0.0  # VQ reconstruction + codebook loss (training the VQ model)
-vq_iters = 0  # scratch: the first vq_iters steps also train the VQ model; then it is frozen and text-to-image starts
+vq_iters = 0  # scratch: the first vq_iters steps train the VQ model alone, then it is frozen
+aligner_init_scale = 1.0  # scratch: the aligner's last layer starts this much smaller (README: base model)
 # the game (game=False: the SFT baseline, same data, steps and optimizer)
 game = True
+adversary = "learned"  # 'learned': the perturber plays | 'random': the control arm -- random directions at eps_max
+#   through the same encode-project-decode path and buffer, so the understanding branch sees decoded images, unaimed
 perturb_at = "vq"  # 'vq': codebook-space tokens, projected and decoded | 'aligner': tokens after the aligner
 mine = "decode"  # 'decode': this batch's decoded adversarial images | 'generate': images the model generates
 eps_relative = True  # budget relative to each token's norm (scale-free); False: absolute (published: LM space)
@@ -137,11 +141,14 @@ problems += [msg for bad, msg in [
     (perturb_at not in ("vq", "aligner"), f"perturb_at={perturb_at!r}: expected 'vq' or 'aligner'"),
     (mine not in ("decode", "generate"), f"mine={mine!r}: expected 'decode' or 'generate'"),
     (buffer_rule not in ("consistent", "published"), f"buffer_rule={buffer_rule!r}: expected 'consistent' or 'published'"),
+    (adversary not in ("learned", "random"), f"adversary={adversary!r}: expected 'learned' or 'random'"),
     (buffer_temperature <= 0, f"buffer_temperature={buffer_temperature}: must be > 0"),
     (clip_path and perturb_at != "vq", "clip_path scores images, but perturb_at='aligner' candidates are not images: use perturb_at='vq'"),
     (clip_path and not os.path.isdir(clip_path), f"clip_path={clip_path!r}: no such directory"),
     (not 0 <= gen_uncond_p <= 1, f"gen_uncond_p={gen_uncond_p}: a probability, must lie in [0, 1]"),
     (export_dtype not in ("float32", "float16", "bfloat16"), f"export_dtype={export_dtype!r}: expected 'float32', 'float16' or 'bfloat16'"),
+    (load_dtype not in ("float32", "float16", "bfloat16"), f"load_dtype={load_dtype!r}: expected 'float32', 'float16' or 'bfloat16'"),
+    (load_dtype != "float32" and chosen, f"load_dtype={load_dtype!r} with train_modules={train_modules!r}: fully trained parts need float32 weights (AdamW steps vanish in 16 bits); only LoRA may train on 16-bit weights"),
     (dtype not in ("float32", "float16", "bfloat16"), f"dtype={dtype!r}: expected 'float32', 'float16' or 'bfloat16'"),
     (device.startswith("cuda") and not torch.cuda.is_available(), f"device={device!r}, but CUDA is not available here"),
     (dataset not in ("shapes", "vqav2", "jsonl"), f"dataset={dataset!r}: expected 'shapes', 'vqav2' or 'jsonl'"),
@@ -180,28 +187,8 @@ ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type ==
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
-# ---- data -------------------------------------------------------------------------------------
-if dataset == "shapes":
-    records = data.shapes_world("train", train_n, seed=0)
-    eval_records = data.shapes_world("test", eval_n, seed=0)
-else:  # real files: a bad record stops the run with its file and line named (or is skipped: skip_bad)
-    try:
-        if dataset == "vqav2":
-            records = data.load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)
-        else:
-            records = data.load_jsonl(jsonl_path, skip_bad=skip_bad)
-    except data.BadData as e:
-        raise SystemExit(f"data error: {e}") from None
-    eval_records = records[:eval_n]  # a held-out VQAv2 split is eval.py's job
-if len(records) < batch_size * world_size:
-    raise SystemExit(f"config error: {len(records)} training samples, fewer than batch_size*world_size={batch_size * world_size}")
-if w_gen and not all(r["caption"] for r in records):
-    raise SystemExit(f"config error: w_gen={w_gen} needs a caption on every training sample; "
-                     f"{sum(not r['caption'] for r in records)} have none (set w_gen=0)")
-loader = data.make_loader(data.Records(records, skip_bad=skip_bad), batch_size, shuffle=True, seed=seed,
-                          num_workers=num_workers)
 
-# ---- model ------------------------------------------------------------------------------------
+# ---- where training starts: a checkpoint to resume, or weights (both checked before anything loads) --
 def read_checkpoint_file(path, size=None):
     """A checkpoint file: JSON, or the tensors of a safetensors file. A missing, truncated (its size is not
     the `size` ckpt.json recorded) or corrupt file stops the run with one line naming it."""
@@ -232,8 +219,11 @@ def weight_names(path):
 ckpt_dir = os.path.join(out_dir, "ckpt")
 resume = init_from == "resume"
 if resume:
-    # save_checkpoint swaps ckpt.old in by renames: a kill between them leaves ckpt.old the newest complete one
-    resume_dir = ckpt_dir if os.path.exists(os.path.join(ckpt_dir, "ckpt.json")) or not os.path.isdir(ckpt_dir + ".old") else ckpt_dir + ".old"
+    # save_checkpoint swaps a new checkpoint in by two renames (ckpt -> ckpt.old, ckpt.tmp -> ckpt): a kill
+    # between them leaves only ckpt.old, which is then the newest complete one
+    resume_dir = ckpt_dir
+    if not os.path.exists(os.path.join(ckpt_dir, "ckpt.json")) and os.path.isdir(ckpt_dir + ".old"):
+        resume_dir = ckpt_dir + ".old"
     ckpt_meta = read_checkpoint_file(os.path.join(resume_dir, "ckpt.json"))
     lacking = {"iter_num", "base", "world_size", "sizes", "bad_in_row"} - set(ckpt_meta)
     if lacking:
@@ -250,12 +240,35 @@ if base != "scratch":  # what the weights hold, read from the safetensors header
         raise SystemExit(f"config error: mine='generate' needs a generation head, but {base} has no generation_head weights")
     if held and game and perturb_at == "vq" and not any(".vqmodel." in n for n in held):
         raise SystemExit(f"config error: perturb_at='vq' needs the VQ model, but {base} has no vqmodel weights: use perturb_at='aligner'")
+
+# ---- data -------------------------------------------------------------------------------------
+if dataset == "shapes":
+    records = data.shapes_world("train", train_n, seed=0)
+    eval_records = data.shapes_world("test", eval_n, seed=0)
+else:  # real files: a bad record stops the run with its file and line named (or is skipped: skip_bad)
+    try:
+        if dataset == "vqav2":
+            records = data.load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)
+        else:
+            records = data.load_jsonl(jsonl_path, skip_bad=skip_bad)
+    except data.BadData as e:
+        raise SystemExit(f"data error: {e}") from None
+    eval_records = records[:eval_n]  # a held-out VQAv2 split is eval.py's job
+if len(records) < batch_size * world_size:
+    raise SystemExit(f"config error: {len(records)} training samples, fewer than batch_size*world_size={batch_size * world_size}")
+if w_gen and not all(r["caption"] for r in records):
+    raise SystemExit(f"config error: w_gen={w_gen} needs a caption on every training sample; "
+                     f"{sum(not r['caption'] for r in records)} have none (set w_gen=0)")
+loader = data.make_loader(data.Records(records, skip_bad=skip_bad), batch_size, shuffle=True, seed=seed,
+                          num_workers=num_workers)
+
+# ---- model ------------------------------------------------------------------------------------
 if base == "scratch":
     texts = [s["question"] for s in records] + [s["caption"] for s in records] + [a for s in records for a in s["answers"]] + [data.DESCRIBE]
     tok = build_tokenizer(texts, tokenizer_vocab)
-    umm = UMM.from_config(tiny_config(tok), tok)
+    umm = UMM.from_config(tiny_config(tok), tok, aligner_init_scale=aligner_init_scale)
 else:
-    umm = UMM.from_pretrained(base)
+    umm = UMM.from_pretrained(base, dtype=getattr(torch, load_dtype))
 umm.to(device)
 if gradient_checkpointing:
     umm.janus.gradient_checkpointing_enable()
@@ -282,6 +295,14 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, 
 token_dim = umm.codebook.shape[1] if perturb_at == "vq" else umm.janus.config.text_config.hidden_size
 perturber = Perturber(token_dim, eps_min=eps_min, eps_max=eps_max, eps_init=eps_init, relative=eps_relative).to(device)
 opt_G = torch.optim.AdamW(perturber.parameters(), lr=lr_G, weight_decay=0.0)
+
+
+def draw_delta(z, noise_std=0.0):
+    """A perturbation of tokens z inside the budget: the perturber's (directions jittered by noise_std), or
+    in the control arm (adversary='random') a uniformly random direction at the full budget eps_max."""
+    if adversary == "random":
+        return random_like(z, eps_max, eps_relative)
+    return perturber(z, noise_std=noise_std)
 buffer = HardBuffer(buffer_capacity, buffer_temperature)  # per rank: each process mines and trains on its own
 grid = (umm.grid, umm.grid)
 clip_score = clip_scorer(clip_path, device) if clip_path else None
@@ -376,6 +397,12 @@ def load_optimizer(opt, names, prefix, tensors):
     opt.load_state_dict(sd)
 
 
+def stop(message):
+    """End the run mid-loop with one line, printed after the progress bar so that it is the last one."""
+    bar.close()
+    raise SystemExit(message)
+
+
 def fsync(path):
     """Flush a file, or a directory's list of entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -387,31 +414,33 @@ def fsync(path):
 
 def save_checkpoint(it):
     """out_dir/ckpt: state.safetensors (trained tensors and the perturber), optim.safetensors (both AdamW
-    states), rank{r}.safetensors + rank{r}.json (what each process alone holds: its RNG state, its hard
-    buffer, its place in the data, the samples it skipped), ckpt.json (step, config, counters, file sizes)
-    and model/ (the merged model in HF format). Called on every rank; rank r writes rank{r}.*, rank 0 the rest.
+    states), what each process r alone holds: buffer{r}.safetensors + buffer{r}.json (its hard buffer),
+    rank{r}.safetensors (its RNG states) + rank{r}.json (its place in the data, the samples it skipped),
+    then ckpt.json (step, config, counters, file sizes) and model/ (the merged model in HF format).
+    Called on every rank; rank r writes its own files, rank 0 the rest.
     Atomic: all goes to ckpt.tmp, is flushed to disk, and only then replaces ckpt, by renames (ckpt -> ckpt.old,
     ckpt.tmp -> ckpt), so a kill at any moment leaves a complete checkpoint: ckpt, or between the renames ckpt.old."""
     tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
     named = {**params, **{f"perturber.{n}": p for n, p in perturber.named_parameters()}}
     bad = [n for n, p in named.items() if not torch.isfinite(p).all()]
-    bad += ["optimizer moments"] * any(not torch.isfinite(v).all() for o in (optimizer, opt_G) for s in o.state.values() for v in s.values())
+    if any(not torch.isfinite(v).all() for o in (optimizer, opt_G) for s in o.state.values() for v in s.values()):
+        bad.append("optimizer moments")
     if bad:  # every rank holds the same parameters, so every rank stops here
-        raise SystemExit(f"iter {it}: not writing a checkpoint with non-finite values (in {bad[:3]}); {ckpt_dir} is left as it was")
+        stop(f"iter {it}: not writing a checkpoint with non-finite values (in {bad[:3]}); {ckpt_dir} is left as it was")
     if master:
         shutil.rmtree(tmp, ignore_errors=True)  # what a kill during an earlier save left
         os.makedirs(tmp)
     if ddp:
         dist.barrier()
-    bs = buffer.state_dict()
-    own = {"rng.cpu": torch.get_rng_state(), "buffer.H": bs["H"]}
-    if device_type == "cuda":
-        own["rng.cuda"] = torch.cuda.get_rng_state(device)
-    own.update({f"buffer.{i}.{k}": v.contiguous() for i, item in enumerate(bs["items"]) for k, v in item.items() if torch.is_tensor(v)})
-    save_file(own, os.path.join(tmp, f"rank{rank}.safetensors"))
+    bs = buffer.state_dict()  # items' tensors in safetensors as "{item index}.{key}", the rest of them in JSON
+    save_file({"H": bs["H"], **{f"{i}.{k}": v.contiguous() for i, item in enumerate(bs["items"]) for k, v in item.items()
+                                if torch.is_tensor(v)}}, os.path.join(tmp, f"buffer{rank}.safetensors"))
+    with open(os.path.join(tmp, f"buffer{rank}.json"), "w") as f:
+        json.dump([{k: v for k, v in item.items() if not torch.is_tensor(v)} for item in bs["items"]], f)
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device_type == "cuda" else {})}
+    save_file(rng, os.path.join(tmp, f"rank{rank}.safetensors"))
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-        json.dump({"data_position": data_position, "skipped": skipped,
-                   "buffer": [{k: v for k, v in item.items() if not torch.is_tensor(v)} for item in bs["items"]]}, f)
+        json.dump({"data_position": data_position, "skipped": skipped}, f)
     if ddp:
         dist.barrier()  # every rank's files are written
     if not master:
@@ -425,7 +454,7 @@ def save_checkpoint(it):
         save_perturber(perturber, os.path.join(tmp, "model"), perturb_at=perturb_at)
     sizes = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if os.path.isfile(os.path.join(tmp, f))}
     meta = {"iter_num": it, "config": config, "base": base, "world_size": world_size, "bad_steps": bad_steps,
-            "bad_in_row": bad_in_row, "sizes": sizes, "model": "model"}
+            "bad_in_row": bad_in_row, "sizes": sizes, "model": "model", "buffer": ["buffer0.safetensors", "buffer0.json"]}
     with open(os.path.join(tmp, "ckpt.json"), "w") as f:
         json.dump(meta, f, indent=2)
     for folder, _, files in os.walk(tmp):  # on disk before the swap: a rename must never expose unwritten data
@@ -457,16 +486,16 @@ def load_checkpoint():
     moments = read("optim.safetensors")
     load_optimizer(optimizer, list(params), "", moments)
     load_optimizer(opt_G, [n for n, _ in perturber.named_parameters()], "perturber.", moments)
-    own, info = read(f"rank{rank}.safetensors"), read(f"rank{rank}.json")
-    items = info["buffer"]
-    for k, v in own.items():  # "buffer.{item index}.{key}" -> that item's tensor
-        if k.startswith("buffer.") and k != "buffer.H":
-            i, key = k[len("buffer."):].split(".", 1)
+    tensors, items = read(f"buffer{rank}.safetensors"), read(f"buffer{rank}.json")
+    for k, v in tensors.items():  # "{item index}.{key}" -> that item's tensor
+        if k != "H":
+            i, key = k.split(".", 1)
             items[int(i)][key] = v
-    buffer.load_state_dict({"capacity": buffer_capacity, "temperature": buffer_temperature, "H": own["buffer.H"], "items": items})
-    torch.set_rng_state(own["rng.cpu"])
-    if device_type == "cuda" and "rng.cuda" in own:
-        torch.cuda.set_rng_state(own["rng.cuda"], device)
+    buffer.load_state_dict({"capacity": buffer_capacity, "temperature": buffer_temperature, "H": tensors["H"], "items": items})
+    rng, info = read(f"rank{rank}.safetensors"), read(f"rank{rank}.json")
+    torch.set_rng_state(rng["cpu"])
+    if device_type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
     return (ckpt_meta["iter_num"], tuple(info["data_position"]), [tuple(s) for s in info["skipped"]],
             ckpt_meta["bad_steps"], ckpt_meta["bad_in_row"])
 
@@ -486,6 +515,17 @@ iter_num, data_position, skipped, bad_steps, bad_in_row = 0, (0, 0), [], 0, 0
 if resume:  # parameters, both optimizers, and this rank's hard buffer, RNG state and place in the data
     iter_num, data_position, skipped, bad_steps, bad_in_row = load_checkpoint()
 log_path = os.path.join(out_dir, "log.jsonl")
+if resume and master and os.path.exists(log_path):  # the log as of the checkpoint, so that it reads as one run:
+    lines = []  # the lines the killed run wrote after its checkpoint go, and so does one torn by the kill
+    for line in open(log_path):
+        try:
+            if line.endswith("\n") and json.loads(line).get("iter", 0) <= iter_num:
+                lines.append(line)
+        except json.JSONDecodeError:
+            pass
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(log_path + ".tmp", log_path)
 batches = data.infinite_batches(loader, *data_position)  # (epoch, batch): the shuffled order goes on where it stood
 before = summary() if master and not resume else None
 
@@ -499,8 +539,8 @@ while iter_num < max_iters:
         batch = next(batches)
     except data.BadData as e:  # skip_bad=False: an image that does not decode stops the run, named (the last
         # line of the message: from a DataLoader worker it comes after the worker's traceback)
-        raise SystemExit(f"data error: {str(e).strip().splitlines()[-1].split('BadData: ', 1)[-1]} "
-                         "(skip_bad=True skips and counts such samples)") from None
+        stop(f"data error: {str(e).strip().splitlines()[-1].split('BadData: ', 1)[-1]} "
+             "(skip_bad=True skips and counts such samples)")
     data_position = batch["position"]
     skipped += batch["skipped"]
     if not batch["images"]:  # every sample of this batch was unreadable (skip_bad): counted above, draw another
@@ -522,23 +562,24 @@ while iter_num < max_iters:
             with torch.no_grad():
                 tokens = umm.visual_tokens(pixels, perturb_at)
             # 2. perturb them, inside the budget
-            delta = perturber(tokens)
+            delta = draw_delta(tokens)
             # 3. project onto the decoder's manifold (nearest codebook entries, straight-through) and decode
             emb_adv, px_adv = umm.perturbed_view(tokens + delta, perturb_at)
             # 4. the perturber's move: maximise the understanding loss on what it made, minus R(delta)
             ce_adv = umm.answer_loss(emb_adv, questions, answers)
             loss_G = -lam * ce_adv.mean() + regularizer(delta, perturber.eps, w_l2, w_tv, w_eps, grid)
             if poisoned:
-                loss_G = loss_G + float("nan")
-        # gradients for the perturber only: the LM takes no weight gradients in this pass
-        for p, g in zip(perturber.parameters(), torch.autograd.grad(loss_G, list(perturber.parameters()))):
-            p.grad = g
-        sync_grads(perturber.parameters())
-        grad_norm_G = torch.nn.utils.clip_grad_norm_(perturber.parameters(), grad_clip)
-        bad_G = nonfinite(loss_G=loss_G.detach(), grad_norm_G=grad_norm_G)
-        if not bad_G:  # a NaN / inf loss or gradient: this update is skipped (counted below)
-            opt_G.step()
-        opt_G.zero_grad(set_to_none=True)
+                loss_G = loss_G * float("nan")  # NaN loss and NaN gradients
+        if adversary == "learned":  # the control arm's random directions have nothing to learn
+            # gradients for the perturber only: the LM takes no weight gradients in this pass
+            for p, g in zip(perturber.parameters(), torch.autograd.grad(loss_G, list(perturber.parameters()))):
+                p.grad = g
+            sync_grads(perturber.parameters())
+            grad_norm_G = torch.nn.utils.clip_grad_norm_(perturber.parameters(), grad_clip)
+            bad_G = nonfinite(loss_G=loss_G.detach(), grad_norm_G=grad_norm_G)
+            if not bad_G:  # a NaN / inf loss or gradient: this update is skipped (counted below)
+                opt_G.step()
+            opt_G.zero_grad(set_to_none=True)
         logs.update(loss_G=loss_G.item(), adv=ce_adv.mean().item(), eps=perturber.eps.item())
 
         # 5. mine: candidates, their consistency with the text, the hardest kept in the buffer
@@ -549,7 +590,7 @@ while iter_num < max_iters:
                 if mine == "decode":  # this batch's adversarial images, plus jittered draws of the perturber
                     clean_u8 = umm.to_uint8(pixels) if perturb_at == "aligner" else None
                     for k in range(cand_k):
-                        t = tokens + (delta.detach() if k == 0 else perturber(tokens, noise_std=cand_noise))
+                        t = tokens + (delta.detach() if k == 0 else draw_delta(tokens, cand_noise))
                         e, px = (emb_adv.detach(), px_adv) if k == 0 else umm.perturbed_view(t, perturb_at)
                         ce = ce_adv.detach() if k == 0 else umm.answer_loss(e, questions, answers)
                         store = ({"codes": umm.project_to_codebook(t)[1]} if perturb_at == "vq" else
@@ -558,14 +599,14 @@ while iter_num < max_iters:
                 else:  # 'generate': the generation branch draws images of the text, the perturber steering each token
                     prompts = [c or q for c, q in zip(captions, questions)]
                     for k in range(cand_k):
-                        hook = (lambda v: v + perturber(v)) if perturb_at == "vq" else None
+                        hook = (lambda v: v + draw_delta(v)) if perturb_at == "vq" else None
                         codes = umm.generate_images(prompts, gen_cfg, gen_temperature, token_hook=hook)
                         px = umm.decode_codes(codes).clamp(-1, 1)
                         e = umm.image_embeds(px)
                         if perturb_at == "vq":
                             store = {"codes": codes}
                         else:
-                            d = perturber(e, noise_std=cand_noise)
+                            d = draw_delta(e, cand_noise)
                             e, store = e + d, {"image": umm.to_uint8(px), "delta": d.half()}
                         cands.append((e, px, umm.answer_loss(e, questions, answers), store))
                 ce = torch.cat([c[2] for c in cands]).float()
@@ -593,23 +634,24 @@ while iter_num < max_iters:
             rec, cb, _ = umm.vq_losses(pixels)
             loss = rec + cb
             logs.update(rec=rec.item(), codebook=cb.item())
-        emb = umm.image_embeds(pixels)
-        if hard:
-            emb = torch.cat([emb, hard_embeds(hard)])
-        ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
-        loss = loss + w_clean * ce[:B].mean() + (ce[B:].mean() if hard else 0.0)
-        logs["und"] = ce[:B].mean().item()
-        if hard:
-            logs["hard"] = ce[B:].mean().item()
-        if w_gen and iter_num >= vq_iters:  # the codes are generation's targets: wait until the VQ model holds still
-            n = min(gen_bs or B, B)
-            with torch.no_grad():
-                codes = umm.image_codes(pixels[:n])
-            ce_gen = umm.image_loss(captions[:n], codes, torch.rand(n) < gen_uncond_p).mean()
-            loss = loss + w_gen * ce_gen
-            logs["gen"] = ce_gen.item()
+        if iter_num >= vq_iters:  # the VQ model learns alone first, so that generation's targets (its codes) hold still
+            emb = umm.image_embeds(pixels)
+            if hard:
+                emb = torch.cat([emb, hard_embeds(hard)])
+            ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
+            loss = loss + w_clean * ce[:B].mean() + (ce[B:].mean() if hard else 0.0)
+            logs["und"] = ce[:B].mean().item()
+            if hard:
+                logs["hard"] = ce[B:].mean().item()
+            if w_gen:
+                n = min(gen_bs or B, B)
+                with torch.no_grad():
+                    codes = umm.image_codes(pixels[:n])
+                ce_gen = umm.image_loss(captions[:n], codes, torch.rand(n) < gen_uncond_p).mean()
+                loss = loss + w_gen * ce_gen
+                logs["gen"] = ce_gen.item()
     if poisoned:
-        loss = loss + float("nan")
+        loss = loss * float("nan")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sync_grads(params.values())
@@ -622,7 +664,8 @@ while iter_num < max_iters:
     # non-finite steps: each is counted and logged; max_bad_steps in a row stop the run. The skipped updates left
     # the parameters as they were, so the checkpoints (never written with non-finite values) are good ones.
     bad = bad_G + bad_D
-    bad_steps, bad_in_row = bad_steps + bool(bad), bad_in_row + 1 if bad else 0
+    bad_steps += bool(bad)
+    bad_in_row = bad_in_row + 1 if bad else 0
     if bad and master:
         with open(log_path, "a") as f:
             f.write(json.dumps({"iter": iter_num, "skipped_update": bad, "bad_steps": bad_steps}) + "\n")
@@ -632,7 +675,7 @@ while iter_num < max_iters:
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"iter": iter_num, "stopped": msg}) + "\n")
-        raise SystemExit(msg)
+        stop(msg)
     if ddp and ddp_check_interval and iter_num % ddp_check_interval == 0:
         check_ranks_agree(iter_num)
 

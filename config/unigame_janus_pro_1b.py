@@ -22,6 +22,7 @@ lora_r = 16
 lora_alpha = 32
 lora_dropout = 0.05
 train_modules = ""
+load_dtype = "bfloat16"  # the frozen weights in 16 bits (half the memory); the LoRA and the perturber stay float32
 gradient_checkpointing = False
 
 # ---- the game ----
