@@ -212,22 +212,13 @@ class Laps:
         return {k: medians(v) for k, v in self.times.items()}
 
 
-def hard_embeds(items):  # train.py's
-    if "codes" in items[0]:
-        with torch.no_grad():
-            px = umm.decode_codes(torch.stack([it["codes"] for it in items]).to(device)).clamp(-1, 1)
-        return umm.image_embeds(px)
-    deltas = torch.stack([it["delta"] for it in items]).to(device)
-    return umm.image_embeds(umm.preprocess([it["image"] for it in items])) + deltas.to(umm.dtype)
-
-
 def understanding_step(pixels, questions, answers, hard):
     """train.py's step 6: w_clean * CE(clean) + CE(hard samples), one backward, clip, AdamW."""
     n = len(questions)
     with ctx:
         emb = umm.image_embeds(pixels)
         if hard:
-            emb = torch.cat([emb, hard_embeds(hard)])
+            emb = torch.cat([emb, umm.buffered_embeds(hard)])
         ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
         loss = ce[:n].mean() + (ce[n:].mean() if hard else 0.0)
     optimizer.zero_grad(set_to_none=True)

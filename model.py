@@ -300,6 +300,16 @@ class UMM(nn.Module):
         vision = self.janus.model.vision_model(pixel_values=pixels.to(self.dtype))
         return self.janus.model.aligner(vision.last_hidden_state)
 
+    def buffered_embeds(self, items):
+        """Understanding embeds of hard-buffer items: decoded from their codes ('vq' items), or their
+        image's embeds plus the stored perturbation ('aligner' items)."""
+        if "codes" in items[0]:
+            with torch.no_grad():
+                px = self.decode_codes(torch.stack([it["codes"] for it in items]).to(self.device)).clamp(-1, 1)
+            return self.image_embeds(px)
+        deltas = torch.stack([it["delta"] for it in items]).to(self.device)
+        return self.image_embeds(self.preprocess([it["image"] for it in items])) + deltas.to(self.dtype)
+
     def _splice(self, ids, image_embeds):
         embeds = self.janus.model.language_model.get_input_embeddings()(ids)
         where = (ids == self.image_id).unsqueeze(-1)

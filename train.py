@@ -372,17 +372,6 @@ def nonfinite(**values):
     return found
 
 
-def hard_embeds(items):
-    """Understanding embeds of buffered hard samples: decoded from their codes ('vq'), or their
-    image's embeds plus the stored perturbation ('aligner')."""
-    if "codes" in items[0]:
-        with torch.no_grad():
-            px = umm.decode_codes(torch.stack([it["codes"] for it in items]).to(device)).clamp(-1, 1)
-        return umm.image_embeds(px)
-    deltas = torch.stack([it["delta"] for it in items]).to(device)
-    return umm.image_embeds(umm.preprocess([it["image"] for it in items])) + deltas.to(umm.dtype)
-
-
 def optimizer_tensors(opt, names, prefix):
     st = opt.state_dict()["state"]
     return {f"{prefix}{names[i]}.{k}": v.contiguous().cpu() for i, s in st.items() for k, v in s.items()}
@@ -637,7 +626,7 @@ while iter_num < max_iters:
         if iter_num >= vq_iters:  # the VQ model learns alone first, so that generation's targets (its codes) hold still
             emb = umm.image_embeds(pixels)
             if hard:
-                emb = torch.cat([emb, hard_embeds(hard)])
+                emb = torch.cat([emb, umm.buffered_embeds(hard)])
             ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
             loss = loss + w_clean * ce[:B].mean() + (ce[B:].mean() if hard else 0.0)
             logs["und"] = ce[:B].mean().item()
