@@ -88,6 +88,15 @@ def caption(attrs):
     return " and ".join(f"a {o['color']} {o['shape']} {PHRASES[o['pos']]}" for o in attrs["objects"])
 
 
+def object_labels(attrs):
+    """Per object: (x0, y0, x1, y1), the pixel box it lives in (its half of the image when there are two,
+    the whole image when alone), and the indices of its colour in COLORS and its shape in SHAPES. The
+    labels of train.py's vision_labels_iters, which pretrain the tiny SigLIP."""
+    objs = attrs["objects"]
+    return [(REGIONS[o["pos"]] if len(objs) > 1 else (0, 0, SIZE, SIZE), list(COLORS).index(o["color"]), SHAPES.index(o["shape"]))
+            for o in objs]
+
+
 def caption_qa(attrs):
     """The (question, answer) pairs that the caption of attrs settles. Shown the image it
     generated from that caption, the model should answer all of them (consistency)."""

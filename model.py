@@ -211,11 +211,13 @@ class UMM(nn.Module):
         return cls(janus, tokenizer, **kw)
 
     @classmethod
-    def from_config(cls, config, tokenizer, aligner_init_scale=1.0, **kw):
+    def from_config(cls, config, tokenizer, aligner_init_scale=1.0, pos_init_scale=1.0, **kw):
         """A freshly initialised model. aligner_init_scale < 1 starts the aligner's last layer small, so
-        that image tokens enter the LM nearer the scale of the text embeddings (README: base model)."""
+        that image tokens enter the LM nearer the scale of the text embeddings; pos_init_scale > 1 starts
+        SigLIP's position embeddings larger, nearer the scale of its patch embeddings (README: base model)."""
         janus = JanusForConditionalGeneration(config)
         with torch.no_grad():
+            janus.model.vision_model.embeddings.position_embedding.weight.mul_(pos_init_scale)
             last = ([janus.model.aligner.fc1] + list(janus.model.aligner.hidden_layers))[-1]
             last.weight.mul_(aligner_init_scale)
             last.bias.mul_(aligner_init_scale)

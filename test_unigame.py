@@ -134,6 +134,17 @@ def test_caption_qa_agrees_with_attrs():
     assert {"yes", "no", "1", "2"} <= answers
 
 
+def test_object_labels_name_each_objects_box_colour_and_shape():
+    for s in world("train", 200) + world("ood", 60):
+        objs, labels = s["attrs"]["objects"], data.object_labels(s["attrs"])
+        assert len(labels) == len(objs)
+        for o, ((x0, y0, x1, y1), c, k) in zip(objs, labels):
+            assert (x0, y0, x1, y1) == (data.REGIONS[o["pos"]] if len(objs) == 2 else (0, 0, 32, 32))
+            assert list(data.COLORS)[c] == o["color"] and data.SHAPES[k] == o["shape"]
+            ys, xs = np.nonzero(data.shape_mask(o["shape"], o["cx"], o["cy"], o["size"]))  # the object lies in its box
+            assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+
+
 def test_shapes_are_never_clipped_nor_touching():
     for s in world("train", 2000)[:1000]:
         masks = []
@@ -983,6 +994,40 @@ def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
     assert json.load(open(tmp_path / "ckpt" / "ckpt.json"))["iter_num"] == 4
 
 
+def test_scratch_base_recipe_pretrains_siglip_on_labels_then_learns_understanding_and_generation(tmp_path):
+    """config/base_shapes.py's phases in miniature: VQ + SigLIP labels first, then understanding (with
+    captions) + text-to-image; the label head is checkpointed for resume but never exported."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), os.path.join(HERE, "config", "base_shapes.py"),
+                        f"--out_dir={tmp_path}", f"--export_dir={tmp_path / 'export'}", "--train_n=64", "--batch_size=8",
+                        "--max_iters=4", "--vq_iters=2", "--vision_labels_iters=2", "--eval_interval=0", "--eval_n=8",
+                        "--log_interval=1", "--ckpt_interval=4", "--threads=1"],
+                       capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [x for x in read_log(tmp_path) if "loss" in x]
+    assert [sorted(k for k in x if k in ("rec", "vis_color", "vis_shape", "und", "gen")) for x in steps] == \
+        [["rec", "vis_color", "vis_shape"]] * 2 + [["gen", "und"]] * 2
+    assert all(0 < x["vis_shape"] < 5 and 0 < x["vis_color"] < 5 for x in steps[:2])
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ckpt" / "state.safetensors"), "pt") as f:
+        assert {"vision_head.weight", "vision_head.bias"} <= set(f.keys())
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("vision_head.") for k in f.keys())  # (Janus has its own generation_head.vision_head)
+    from transformers import JanusForConditionalGeneration
+    JanusForConditionalGeneration.from_pretrained(tmp_path / "export")
+
+
+def test_init_scales_of_a_scratch_model(tok):
+    torch.manual_seed(0)
+    plain = UMM.from_config(tiny_config(tok), tok)
+    torch.manual_seed(0)
+    scaled = UMM.from_config(tiny_config(tok), tok, aligner_init_scale=0.1, pos_init_scale=10.0)
+    pos = lambda u: u.janus.model.vision_model.embeddings.position_embedding.weight
+    last = lambda u: u.janus.model.aligner.hidden_layers[-1].weight
+    assert torch.allclose(pos(scaled), 10 * pos(plain)) and torch.allclose(last(scaled), 0.1 * last(plain))
+    assert torch.equal(scaled.janus.model.vision_model.embeddings.patch_embedding.weight,
+                       plain.janus.model.vision_model.embeddings.patch_embedding.weight)
+
+
 def test_two_process_ddp_keeps_lora_and_perturber_identical_on_both_ranks(small_dir, tmp_path):
     out = quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0", "--ddp_check_interval=1", nproc=2)
     assert "iter 2: parameters identical on all 2 ranks" in out
@@ -1781,6 +1826,7 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
     code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--max_iters=0",
                          "--vq_iters=5", "--hard_bs=-1", "--q_hard=1.5", "--eps_min=0.2", "--eps_max=0.1", "--lora_r=0",
                          "--export_dtype=float8", "--train_n=8", "--batch_size=16", "--debug_nan_at=x", "--max_bad_steps=0",
+                         "--vision_labels_iters=3",
                          f"--init_from={tmp_path / 'nothing'}"])
     assert code != 0 and "Traceback" not in out, out[-3000:]
     for message in ["max_iters=0: must be >= 1", "vq_iters=5: more than max_iters=0",
@@ -1790,6 +1836,7 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
                     "nothing trains: lora_r=0 and train_modules=''", "export_dtype='float8'",
                     "train_n=8: fewer samples than one global batch, batch_size*world_size=16*1",
                     "debug_nan_at='x': expected a comma list of iterations", "max_bad_steps=0: must be >= 1",
+                    "vision_labels_iters=3 trains the vision tower on the built-in world's labels: needs dataset='shapes' and 'vision' in train_modules",
                     f"init_from='{tmp_path / 'nothing'}': expected 'scratch', 'resume' or a Hugging Face model directory"]:
         assert f"config error: {message}" in out, (message, out[-3000:])
     assert not (tmp_path / "out").exists()  # stopped before anything was written

@@ -68,8 +68,12 @@ gen_bs = 0  # the text-to-image loss uses the first gen_bs samples of each batch
 caption_p = 0.0  # share of understanding samples asked to describe the image instead (answer: its caption);
 #   the base recipe uses it: a caption names every object's colour, shape and place, a one-word answer only one
 w_vq = 0.0  # VQ reconstruction + codebook loss (training the VQ model)
-vq_iters = 0  # scratch: the first vq_iters steps train the VQ model alone, then it is frozen
+vq_iters = 0  # scratch: the first vq_iters steps train the VQ model (and no LM objective), then it is frozen
 aligner_init_scale = 1.0  # scratch: the aligner's last layer starts this much smaller (README: base model)
+vision_pos_init_scale = 1.0  # scratch: SigLIP's position embeddings start this much larger (README: base model)
+vision_labels_iters = 0  # scratch, built-in world: the first steps also pretrain SigLIP to name each object's colour and
+#   shape (a linear head on the features pooled over the object's half of the image, dropped afterwards): the tiny
+#   base's stand-in for the pretrained SigLIP that Janus-Pro starts from (README: base model)
 # the game (game=False: the SFT baseline, same data, steps and optimizer)
 game = True
 adversary = "learned"  # 'learned': the perturber plays | 'random': the control arm -- random directions at eps_max
@@ -134,6 +138,8 @@ problems += [msg for bad, msg in [
     (not 0 <= q_hard <= 1, f"q_hard={q_hard}: a quantile, must lie in [0, 1]"),
     (not 0 <= eps_min < eps_init < eps_max, f"eps_min={eps_min}, eps_init={eps_init}, eps_max={eps_max}: need 0 <= eps_min < eps_init < eps_max"),
     (vq_iters > max_iters, f"vq_iters={vq_iters}: more than max_iters={max_iters}"),
+    (vision_labels_iters and (dataset != "shapes" or "vision" not in chosen),
+     f"vision_labels_iters={vision_labels_iters} trains the vision tower on the built-in world's labels: needs dataset='shapes' and 'vision' in train_modules"),
     ((vq_iters or w_vq) and "vq" not in chosen, f"vq_iters={vq_iters}, w_vq={w_vq} train the VQ model, but train_modules={train_modules!r} leaves it frozen: add 'vq'"),
     (lora_r == 0 and not chosen, "nothing trains: lora_r=0 and train_modules='': set train_modules and/or lora_r"),
     (set(chosen) - set(parts), f"train_modules={train_modules!r}: unknown part(s) {sorted(set(chosen) - set(parts))}; parts: {', '.join(parts)} or 'all'"),
@@ -266,7 +272,7 @@ loader = data.make_loader(data.Records(records, skip_bad=skip_bad), batch_size, 
 if base == "scratch":
     texts = [s["question"] for s in records] + [s["caption"] for s in records] + [a for s in records for a in s["answers"]] + [data.DESCRIBE]
     tok = build_tokenizer(texts, tokenizer_vocab)
-    umm = UMM.from_config(tiny_config(tok), tok, aligner_init_scale=aligner_init_scale)
+    umm = UMM.from_config(tiny_config(tok), tok, aligner_init_scale=aligner_init_scale, pos_init_scale=vision_pos_init_scale)
 else:
     umm = UMM.from_pretrained(base, dtype=getattr(torch, load_dtype))
 umm.to(device)
@@ -284,6 +290,9 @@ for g in chosen:
 if lora_r:
     add_lora(jm.language_model, lora_r, lora_alpha, lora_dropout)  # LoRA parameters require grad
 params = {n: p for n, p in umm.named_parameters() if p.requires_grad}
+if vision_labels_iters:  # the pretraining head: trained and checkpointed with the rest, never exported
+    vision_head = torch.nn.Linear(jm.config.vision_config.hidden_size, len(data.COLORS) + len(data.SHAPES)).to(device)
+    params.update({f"vision_head.{n}": p for n, p in vision_head.named_parameters()})
 if not params:
     raise SystemExit("config error: nothing trains: set train_modules and/or lora_r")
 decay = [p for n, p in params.items() if p.dim() >= 2]
@@ -295,6 +304,25 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, 
 token_dim = umm.codebook.shape[1] if perturb_at == "vq" else umm.janus.config.text_config.hidden_size
 perturber = Perturber(token_dim, eps_min=eps_min, eps_max=eps_max, eps_init=eps_init, relative=eps_relative).to(device)
 opt_G = torch.optim.AdamW(perturber.parameters(), lr=lr_G, weight_decay=0.0)
+
+
+def vision_label_loss(pixels, attrs, logs):
+    """vision_labels_iters: cross-entropy of each object's colour and shape, read by vision_head from the SigLIP
+    features averaged over the patches of the object's box (data.object_labels)."""
+    h = jm.vision_model(pixel_values=pixels).last_hidden_state
+    g = int(h.shape[1] ** 0.5)
+    h, cell = h.view(len(attrs), g, g, -1), pixels.shape[-1] // g
+    feats, colors, shapes = [], [], []
+    for i, a in enumerate(attrs):
+        for (x0, y0, x1, y1), c, s in data.object_labels(a):
+            feats.append(h[i, y0 // cell:y1 // cell, x0 // cell:x1 // cell].mean((0, 1)))
+            colors.append(c)
+            shapes.append(s)
+    logits, nc = vision_head(torch.stack(feats)).float(), len(data.COLORS)
+    ce_c = F.cross_entropy(logits[:, :nc], torch.tensor(colors, device=device))
+    ce_s = F.cross_entropy(logits[:, nc:], torch.tensor(shapes, device=device))
+    logs.update(vis_color=ce_c.item(), vis_shape=ce_s.item())
+    return ce_c + ce_s
 
 
 def draw_delta(z, noise_std=0.0):
@@ -623,6 +651,8 @@ while iter_num < max_iters:
             rec, cb, _ = umm.vq_losses(pixels)
             loss = rec + cb
             logs.update(rec=rec.item(), codebook=cb.item())
+        if iter_num < vision_labels_iters:
+            loss = loss + vision_label_loss(pixels, batch["attrs"], logs)
         if iter_num >= vq_iters:  # the VQ model learns alone first, so that generation's targets (its codes) hold still
             emb = umm.image_embeds(pixels)
             if hard:
