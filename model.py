@@ -297,10 +297,13 @@ class UMM(nn.Module):
     def answer_ids(self, answer):
         return self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids + [self.eos_id]
 
+    def vision_features(self, pixels):
+        """SigLIP's last hidden states, (B, N, D_vision)."""
+        return self.janus.model.vision_model(pixel_values=pixels.to(self.dtype)).last_hidden_state
+
     def image_embeds(self, pixels):
         """Understanding tokens: SigLIP features through the aligner, (B, N, D_lm)."""
-        vision = self.janus.model.vision_model(pixel_values=pixels.to(self.dtype))
-        return self.janus.model.aligner(vision.last_hidden_state)
+        return self.janus.model.aligner(self.vision_features(pixels))
 
     def buffered_embeds(self, items):
         """Understanding embeds of hard-buffer items: decoded from their codes ('vq' items), or their

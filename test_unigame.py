@@ -996,14 +996,17 @@ def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
 
 def test_scratch_base_recipe_pretrains_siglip_on_labels_then_learns_understanding_and_generation(tmp_path):
     """config/base_shapes.py's phases in miniature: VQ + SigLIP labels first, then understanding (with
-    captions) + text-to-image; the label head is checkpointed for resume but never exported."""
+    captions) + text-to-image while the labels go on, then without them; the depths chosen for a scratch model
+    reach the export; the label head is checkpointed for resume but never exported."""
     r = run_train(os.path.join(HERE, "config", "base_shapes.py"), f"--out_dir={tmp_path}", f"--export_dir={tmp_path / 'export'}",
-                  "--train_n=64", "--batch_size=8", "--max_iters=4", "--vq_iters=2", "--vision_labels_iters=2",
+                  "--train_n=64", "--batch_size=8", "--max_iters=4", "--vq_iters=2", "--vision_labels_iters=3", "--lm_layers=2",
                   "--eval_interval=0", "--eval_n=8", "--log_interval=1", "--ckpt_interval=4", "--threads=1", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [x for x in read_log(tmp_path) if "loss" in x]
     assert [sorted(k for k in x if k in ("rec", "vis_color", "vis_shape", "und", "gen")) for x in steps] == \
-        [["rec", "vis_color", "vis_shape"]] * 2 + [["gen", "und"]] * 2
+        [["rec", "vis_color", "vis_shape"]] * 2 + [["gen", "und", "vis_color", "vis_shape"], ["gen", "und"]]
+    cfg = json.load(open(tmp_path / "export" / "config.json"))
+    assert (cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["num_hidden_layers"]) == (2, 4)  # flag, config file
     assert all(0 < x["vis_shape"] < 5 and 0 < x["vis_color"] < 5 for x in steps[:2])
     from safetensors import safe_open
     with safe_open(str(tmp_path / "ckpt" / "state.safetensors"), "pt") as f:

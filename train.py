@@ -54,6 +54,8 @@ skip_bad = False  # skip (count and report) unreadable samples instead of stoppi
 num_workers = 0
 # model
 tokenizer_vocab = 512  # init_from='scratch' only: BPE vocabulary trained on the world's text
+vision_layers = 2  # init_from='scratch' only: SigLIP depth
+lm_layers = 4  # init_from='scratch' only: LM depth
 lora_r = 16  # 0: no LoRA; else LoRA rank on the LM projections (q, k, v, o, gate, up, down)
 lora_alpha = 32
 lora_dropout = 0.05
@@ -272,7 +274,7 @@ loader = data.make_loader(data.Records(records, skip_bad=skip_bad), batch_size, 
 if base == "scratch":
     texts = [s["question"] for s in records] + [s["caption"] for s in records] + [a for s in records for a in s["answers"]] + [data.DESCRIBE]
     tok = build_tokenizer(texts, tokenizer_vocab)
-    umm = UMM.from_config(tiny_config(tok), tok, aligner_init_scale=aligner_init_scale, pos_init_scale=vision_pos_init_scale)
+    umm = UMM.from_config(tiny_config(tok, lm_layers=lm_layers, vision_layers=vision_layers), tok, aligner_init_scale=aligner_init_scale, pos_init_scale=vision_pos_init_scale)
 else:
     umm = UMM.from_pretrained(base, dtype=getattr(torch, load_dtype))
 umm.to(device)
@@ -306,12 +308,11 @@ perturber = Perturber(token_dim, eps_min=eps_min, eps_max=eps_max, eps_init=eps_
 opt_G = torch.optim.AdamW(perturber.parameters(), lr=lr_G, weight_decay=0.0)
 
 
-def vision_label_loss(pixels, attrs, logs):
-    """vision_labels_iters: cross-entropy of each object's colour and shape, read by vision_head from the SigLIP
-    features averaged over the patches of the object's box (data.object_labels)."""
-    h = jm.vision_model(pixel_values=pixels).last_hidden_state
+def vision_label_loss(h, attrs, logs):
+    """vision_labels_iters: cross-entropy of each object's colour and shape, read by vision_head from SigLIP's features
+    h (B, N, D) averaged over the patches of the object's box (data.object_labels)."""
     g = int(h.shape[1] ** 0.5)
-    h, cell = h.view(len(attrs), g, g, -1), pixels.shape[-1] // g
+    h, cell = h.view(len(attrs), g, g, -1), data.SIZE // g
     feats, colors, shapes = [], [], []
     for i, a in enumerate(attrs):
         for (x0, y0, x1, y1), c, s in data.object_labels(a):
@@ -651,10 +652,11 @@ while iter_num < max_iters:
             rec, cb, _ = umm.vq_losses(pixels)
             loss = rec + cb
             logs.update(rec=rec.item(), codebook=cb.item())
-        if iter_num < vision_labels_iters:
-            loss = loss + vision_label_loss(pixels, batch["attrs"], logs)
+        feats = umm.vision_features(pixels) if iter_num < vision_labels_iters or iter_num >= vq_iters else None
+        if iter_num < vision_labels_iters:  # SigLIP's labels, from the features the understanding step uses too
+            loss = loss + vision_label_loss(feats, batch["attrs"], logs)
         if iter_num >= vq_iters:  # the VQ model learns alone first, so that generation's targets (its codes) hold still
-            emb = umm.image_embeds(pixels)
+            emb = jm.aligner(feats)
             if hard:
                 emb = torch.cat([emb, umm.buffered_embeds(hard)])
             ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
