@@ -42,8 +42,8 @@ n = 1000  # test (and ood) samples for understanding
 gen_n = 200  # test captions for generation and consistency
 adv_n = 256  # test samples attacked with PGD (each costs adv_steps forward+backward passes)
 batch_size = 64
-cfg_scale = 1.0  # classifier-free guidance for generation (1: none); the shipped base, trained with 10% unconditional
-#                 prompts (gen_uncond_p), scores 0.935 at 1.0 and 1.000 at 2.0 on 200 test captions
+cfg_scale = 1.0  # classifier-free guidance for generation (1: none); the shipped base was trained with 10%
+#                 unconditional prompts (gen_uncond_p), so guidance has an unconditional branch to work with
 temperature = 0.0  # 0: greedy image tokens
 # the attack budget, for PGD and the random perturbation; None: as the checkpoint was trained (its
 # ckpt.json or perturber.json), else perturb_at='vq', eps=0.3 relative to token norm (train.py's defaults)

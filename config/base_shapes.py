@@ -1,5 +1,5 @@
 # Train the tiny base Janus of the built-in world from scratch (SFT, no game), on CPU, and export it
-# to assets/shapes-base (float16 weights, about 9 MB). This is how the shipped base was made:
+# to assets/shapes-base (float16 weights, about 10 MB). This is how the shipped base was made:
 #     python train.py config/base_shapes.py
 # Steps 0-599: the VQ model learns to reconstruct, and SigLIP learns to name each object's colour and
 # shape (vision_labels_iters). Steps 600-3299: understanding (a tenth of it captioning) + text-to-image on
