@@ -357,6 +357,19 @@ def load_vqav2(questions_json, annotations_json, image_dir, skip_bad=False):
     return _keep_good(questions_json, "record", enumerate(questions["questions"]), parse, skip_bad)
 
 
+def training_records(dataset, train_n=20000, vqav2_questions="", vqav2_annotations="", vqav2_images="", jsonl_path="",
+                     skip_bad=False):
+    """train.py's training samples: train_n of the built-in world's train split (dataset='shapes'), the
+    official VQAv2 files ('vqav2'), or a JSONL manifest ('jsonl')."""
+    if dataset == "shapes":
+        return shapes_world("train", train_n, seed=0)
+    if dataset == "vqav2":
+        return load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)
+    if dataset == "jsonl":
+        return load_jsonl(jsonl_path, skip_bad=skip_bad)
+    raise ValueError(f"dataset={dataset!r}: expected 'shapes', 'vqav2' or 'jsonl'")
+
+
 JSONL_KEYS = {"image", "question", "answers", "caption"}
 
 

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+import checkpoint
 from data import caption_qa, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, shapes_world
 from perturber import Perturber, pgd_attack, random_like
 
@@ -270,6 +271,15 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
     return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1)}
 
 
+def summary(umm, records, perturber=None, at="vq"):
+    """train.py's before / after table: clean accuracy, and accuracy under a perturber when there is one."""
+    umm.eval()
+    res = {"clean": understanding_accuracy(umm, records, progress=False)}
+    if perturber is not None:
+        res["under_perturber"] = understanding_accuracy(umm, records, perturbed_embed(umm, perturber, at), progress=False)
+    return res
+
+
 def evaluate(umm, records, gen_n=0, progress=True, **gen_kw):
     """Quick figures used during training: understanding, generation (gen_n captions) and the
     oracle's reading of VQ reconstructions, on `records` (samples of the built-in world)."""
@@ -282,7 +292,7 @@ def evaluate(umm, records, gen_n=0, progress=True, **gen_kw):
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-def checkpoint(path):
+def locate(path):
     """(model directory, ckpt.json contents or {}, checkpoint directory or None) for --ckpt: a Hugging Face
     directory, a training checkpoint (holding ckpt.json) or a training out_dir (holding ckpt/)."""
     if os.path.isfile(os.path.join(path, "ckpt", "ckpt.json")):
@@ -296,13 +306,13 @@ def checkpoint(path):
 
 def load(path, device):
     from model import UMM
-    return UMM.from_pretrained(checkpoint(path)[0]).to(device).eval().requires_grad_(False)
+    return UMM.from_pretrained(locate(path)[0]).to(device).eval().requires_grad_(False)
 
 
 def _perturber_export(path):
     """The folder holding a standalone perturber export (perturber.safetensors + perturber.json, as
     model.save_perturber writes it beside an exported model): --ckpt itself or its model directory."""
-    for folder in dict.fromkeys([path, checkpoint(path)[0]]):
+    for folder in dict.fromkeys([path, locate(path)[0]]):
         if all(os.path.isfile(os.path.join(folder, f)) for f in ("perturber.safetensors", "perturber.json")):
             return folder
     return None
@@ -312,7 +322,7 @@ def trained_budget(path):
     """The game's settings a checkpoint was trained with, {"perturb_at", "eps_min", "eps_max", "relative",
     "from"}: from its perturber.json, else its training config (ckpt.json), else train.py's defaults
     ('vq', eps in [0, 0.3] relative to token norm)."""
-    cfg = checkpoint(path)[1].get("config", {})
+    cfg = locate(path)[1].get("config", {})
     spec = {"perturb_at": cfg.get("perturb_at", "vq"), "eps_min": cfg.get("eps_min", 0.0),
             "eps_max": cfg.get("eps_max", 0.3), "relative": cfg.get("eps_relative", True),
             "from": "ckpt.json" if cfg else "defaults"}
@@ -332,9 +342,9 @@ def own_perturber(path, device="cpu"):
     directory, else from the `perturber.*` tensors of a training checkpoint's state with the budget of its
     config. A training checkpoint whose optimizer holds no perturber moments (an SFT run, or a perturber
     that never stepped) has only an untrained perturber, and that is not reported as its own."""
-    _, meta, ckpt_dir = checkpoint(path)
+    _, meta, ckpt_dir = locate(path)
     if ckpt_dir is not None:
-        optim = os.path.join(ckpt_dir, meta.get("optimizer", "optim.safetensors"))
+        optim = os.path.join(ckpt_dir, "optim.safetensors")
         if os.path.isfile(optim):
             with safe_open(optim, "pt") as f:
                 if not any(k.startswith("perturber.") for k in f.keys()):
@@ -348,7 +358,7 @@ def own_perturber(path, device="cpu"):
                                                          "source": os.path.join(folder, "perturber.safetensors")}
     if ckpt_dir is None:
         return None, f"{path} has no perturber.safetensors + perturber.json and is not a training checkpoint"
-    source = os.path.join(ckpt_dir, meta.get("state", "state.safetensors"))
+    source = os.path.join(ckpt_dir, "state.safetensors")
     tensors = {k.removeprefix("perturber."): v for k, v in load_file(source).items() if k.startswith("perturber.")}
     if not tensors:
         return None, f"{source} holds no perturber tensors"
@@ -385,17 +395,10 @@ def answer_from_attrs(question, attrs):
     raise ValueError(f"not a question of the built-in world: {question!r}")
 
 
-def read_buffer(ckpt_dir, meta):
-    """The hard buffer of a training checkpoint as train.py wrote it: items (dicts) and their H."""
-    tensors_file, items_file = meta.get("buffer", ["buffer.safetensors", "buffer.json"])
-    tensors = load_file(os.path.join(ckpt_dir, tensors_file))
-    with open(os.path.join(ckpt_dir, items_file)) as f:
-        items = json.load(f)
-    for k, v in tensors.items():  # "{item index}.{key}" -> that item's tensor
-        if k != "H":
-            i, key = k.split(".", 1)
-            items[int(i)][key] = v
-    return items, tensors["H"]
+def read_buffer(ckpt_dir):
+    """The hard buffer of a training checkpoint, rank 0's, as train.py wrote it (checkpoint.py): items and their H."""
+    state = checkpoint.read_state(ckpt_dir, "buffer0")
+    return state["items"], state["H"]
 
 
 @torch.no_grad()
@@ -405,11 +408,11 @@ def label_preservation(run, device="cpu", batch_size=64, progress=True):
     (answer_from_attrs); the label holds when that answer is the stored one. Also the stricter scene
     preservation: the oracle reads exactly the objects of the source sample (re-drawn from its
     "shapes/{split}/{i}" source with the world seed train.py uses, 0, and checked by its question)."""
-    model_dir, meta, ckpt_dir = checkpoint(run)
+    model_dir, meta, ckpt_dir = locate(run)
     if ckpt_dir is None:
         raise SystemExit(f"--buffer={run}: no training checkpoint there (ckpt.json or ckpt/ckpt.json)")
     cfg = meta.get("config", {})
-    items, H = read_buffer(ckpt_dir, meta)
+    items, H = read_buffer(ckpt_dir)
     res = {"buffer_rule": cfg.get("buffer_rule"), "tau": cfg.get("tau"), "q_hard": cfg.get("q_hard"),
            "consistency_scorer": "clip" if cfg.get("clip_path") else "built-in", "perturb_at": cfg.get("perturb_at"),
            "mine": cfg.get("mine"), "iter": meta.get("iter_num"), "buffer_size": len(items), "checkpoint": ckpt_dir}
@@ -507,7 +510,7 @@ if __name__ == "__main__":
         sys.exit(0)
 
     torch.manual_seed(seed)
-    model_dir, meta, _ = checkpoint(ckpt)
+    model_dir, meta, _ = locate(ckpt)
     umm = load(ckpt, device)
     own, own_info = own_perturber(ckpt, device)
     # the attack's budget and interface: the flags, else as the checkpoint was trained

@@ -239,6 +239,50 @@ class UMM(nn.Module):
             json.dump({"processor_class": "JanusProcessor", "num_image_tokens": self.num_image_tokens,
                        "use_default_system_prompt": self.system_prompt == JANUS_SYSTEM_PROMPT}, f, indent=2)
 
+    # ---- what trains, and how it runs -------------------------------------------------------------
+
+    PARTS = ("vision", "aligner", "lm", "gen", "vq")  # what set_trainable can train fully
+
+    def part(self, name):
+        """The modules of a named part: 'vision' (SigLIP), 'aligner', 'lm' (LLaMA and lm_head), 'gen'
+        (generation embeddings, aligner and head), 'vq' (the VQ model)."""
+        jm = self.janus.model
+        groups = {"vision": [jm.vision_model], "aligner": [jm.aligner], "lm": [jm.language_model, self.janus.lm_head],
+                  "gen": [jm.generation_embeddings, jm.generation_aligner, jm.generation_head], "vq": [jm.vqmodel]}
+        if name not in groups:
+            raise ValueError(f"unknown part {name!r}; parts: {', '.join(self.PARTS)}")
+        return groups[name]
+
+    def set_trainable(self, parts=(), lora_r=0, lora_alpha=32, lora_dropout=0.05):
+        """Freeze everything, then train the named parts fully and, with lora_r > 0, LoRA on the LM's
+        projections. Returns {name: parameter} of what trains, in a fixed order."""
+        self.requires_grad_(False)
+        for name in parts:
+            for m in self.part(name):
+                m.requires_grad_(True)
+        if lora_r:
+            add_lora(self.janus.model.language_model, lora_r, lora_alpha, lora_dropout)  # LoRA parameters require grad
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def token_dim(self, at="vq"):
+        """The width of the visual tokens at a perturbation interface (visual_tokens)."""
+        if at == "vq":
+            return self.codebook.shape[1]
+        if at == "aligner":
+            return self.janus.config.text_config.hidden_size
+        raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
+
+    def compile_towers(self):
+        """torch.compile the language model and the vision tower, where a training step spends its time."""
+        self.janus.model.language_model.compile()
+        self.janus.model.vision_model.compile()
+
+    def gradient_checkpointing_enable(self):
+        self.janus.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_disable(self):
+        self.janus.gradient_checkpointing_disable()
+
     @property
     def device(self):
         return self.janus.lm_head.weight.device
@@ -434,17 +478,18 @@ class UMM(nn.Module):
         raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
 
     def perturbed_view(self, tokens, at="vq"):
-        """What the understanding branch sees of (perturbed) visual tokens: (image embeds, pixels).
+        """What the understanding branch sees of (perturbed) visual tokens: (image embeds, pixels, codes).
         at='vq' projects the tokens onto the decoder's manifold (nearest codebook entries, with a
-        straight-through gradient) and decodes them to an image, so the adversarial input is a real,
-        decodable picture; gradients flow back through decoder, vision encoder and LM. at='aligner'
-        uses the tokens as they are (cheaper, not decoder-constrained); pixels is then None."""
+        straight-through gradient; codes (B, N) are the entries chosen) and decodes them to an image, so
+        the adversarial input is a real, decodable picture; gradients flow back through decoder, vision
+        encoder and LM. at='aligner' uses the tokens as they are (cheaper, not decoder-constrained);
+        pixels and codes are then None."""
         if at == "vq":
-            zq, _ = self.project_to_codebook(tokens)
+            zq, codes = self.project_to_codebook(tokens)
             pixels = self.vq_decode(zq).clamp(-1, 1)
-            return self.image_embeds(pixels), pixels
+            return self.image_embeds(pixels), pixels, codes
         if at == "aligner":
-            return tokens, None
+            return tokens, None, None
         raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
 
     def image_codes(self, pixels):
@@ -575,6 +620,32 @@ class UMM(nn.Module):
         cache = self._kept_cache[1]
         cache.reset()
         return cache
+
+
+def weight_names(path):
+    """Names of the tensors in a Hugging Face directory's safetensors files, read from their headers alone
+    (so that what a checkpoint lacks is known before it is loaded)."""
+    from safetensors import safe_open
+    names = set()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, name), "pt") as f:
+                    names.update(f.keys())
+            except Exception as e:
+                raise SystemExit(f"cannot read {os.path.join(path, name)}: {type(e).__name__}: {e}") from None
+    return names
+
+
+def check_weights(path, generation=False, vq=False):
+    """Stop, naming what lacks, when the weights in `path` have no generation head (generation=True) or no VQ
+    model (vq=True): read from the safetensors headers, before anything is loaded. A directory without
+    safetensors files is not checked."""
+    held = weight_names(path)
+    if held and generation and not any(".generation_head." in n for n in held):
+        raise SystemExit(f"config error: mine='generate' needs a generation head, but {path} has no generation_head weights")
+    if held and vq and not any(".vqmodel." in n for n in held):
+        raise SystemExit(f"config error: perturb_at='vq' needs the VQ model, but {path} has no vqmodel weights: use perturb_at='aligner'")
 
 
 def _read_json(path):
