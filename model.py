@@ -345,9 +345,13 @@ class UMM(nn.Module):
         """SigLIP's last hidden states, (B, N, D_vision)."""
         return self.janus.model.vision_model(pixel_values=pixels.to(self.dtype)).last_hidden_state
 
+    def align(self, features):
+        """SigLIP features (B, N, D_vision) -> understanding tokens through the aligner (B, N, D_lm)."""
+        return self.janus.model.aligner(features)
+
     def image_embeds(self, pixels):
         """Understanding tokens: SigLIP features through the aligner, (B, N, D_lm)."""
-        return self.janus.model.aligner(self.vision_features(pixels))
+        return self.align(self.vision_features(pixels))
 
     def buffered_embeds(self, items):
         """Understanding embeds of hard-buffer items: decoded from their codes ('vq' items), or their
