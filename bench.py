@@ -1,7 +1,9 @@
 """
-What the game costs. Times, after warm-up, with device synchronisation, as medians over repeats:
+What the game costs. Each training benchmark is a run of train.py itself, timed by train.py's own
+stopwatch (its log.jsonl records every step's phases in wall and process-CPU milliseconds,
+device-synchronised); bench.py drops the warm-up steps and reports medians:
 
-    sft                train.py's step 6 with the game off: understanding CE + backward + AdamW step
+    sft                train.py with the game off (--game=False): understanding CE + backward + AdamW step
     sft_hard           the same at batch + hard_bs: as many samples as UniGame's understanding step trains on
     sft_2x             the same at twice the batch
     unigame_decode     train.py's steps 1-6 with mine='decode' (the default)
@@ -9,33 +11,46 @@ What the game costs. Times, after warm-up, with device synchronisation, as media
     generate_dynamic   image generation, UMM.generate_images with the dynamic KV cache
     generate_static    the same with the static KV cache (and, on CUDA, the compiled decode step)
 
-and reports step time, samples/s, peak memory and, on CUDA, model FLOPs utilisation and the compile
-speed-up over eager. It prints a table; its last line is one JSON object with every figure.
+and reports step time, samples/s, each phase (perturber: steps 1-4 and the perturber's update; mine:
+step 5; understand: step 6), peak memory and, on CUDA, model FLOPs utilisation and the compile
+speed-up over eager. With compile (CUDA's default) a training benchmark is one train.py run with
+--compile=False and one with --compile=True; on a GPU of known peak, one more, of a single eager step,
+counts its FLOPs (train.py --count_flops=True). It prints a table; its last line is one JSON object
+with every figure.
 
     python bench.py                                   # tiny: assets/shapes-base + LoRA r=16, batch 16
     OMP_NUM_THREADS=1 python bench.py --threads=1     # how BENCHMARKS.md's CPU figures were taken
     python bench.py --preset=janus-pro-1b             # the Janus-Pro-1B architecture, random weights (GPU)
     python bench.py --preset=janus-pro-7b             # 7B: LoRA + gradient checkpointing (GPU)
 
-The steps are train.py's, written out again (with train.py's defaults) so that their phases can be
-timed apart and so that they run on models that have no weights. When train.py's loop changes, change
-them here too.
+What a timed step is, being train.py's: real training on train.py's data (the built-in world through
+its loader, a fresh shuffled batch every step, so prompt lengths vary from step to step), from
+preprocessing the batch's images to the optimizer's step, with everything train.py does in between
+(logging's .item() calls, the non-finite checks). Fetching the batch from the loader comes just before
+train.py's stopwatch starts and is not in it. The hard samples of step 6 are those mining put in the
+buffer (train.py logs how many: n_hard, reported as hard_per_step). A training benchmark's peak memory
+is train.py's torch.cuda.max_memory_reserved over its run (its evaluations, on eval_n=4 samples,
+included). The janus-pro presets are built with random weights once, saved under cache_dir (reused
+while the architecture is the same), and train.py is run on that directory. The runs follow one
+another: on a machine shared with other jobs, compare the CPU times (cpu ms), which for a
+single-threaded run are the time an idle core would take whatever the other jobs do.
 """
 
 import json
 import os
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 import data
-from buffer import HardBuffer, hardness, select_hard
-from model import IMAGE, JANUS_SYSTEM_PROMPT, UMM, add_lora, build_tokenizer
-from perturber import Perturber, regularizer
+from model import IMAGE, JANUS_SYSTEM_PROMPT, UMM, build_tokenizer
 
 # -----------------------------------------------------------------------------------------------
 preset = "tiny"  # 'tiny' | 'janus-pro-1b' | 'janus-pro-7b'
@@ -43,22 +58,23 @@ benchmarks = "sft,sft_hard,sft_2x,unigame_decode,unigame_generate,generate_dynam
 batch_size = None  # None: the preset's (tiny 16, janus-pro-1b 8, janus-pro-7b 4)
 gen_batch = None  # captions per generate_images call; None: batch_size
 gen_cfg = 5.0  # guidance of the throughput figure (Janus-Pro samples with 5; it doubles the decode batch)
-warmup = 2
-repeats = 5
-# the step being timed: train.py's defaults
+warmup = 2  # train.py steps left out before the timed ones
+repeats = 5  # timed train.py steps (medians)
+# the step being timed: train.py's defaults, passed to it
 lora_r = 16
 perturb_at = "vq"  # 'vq' (train.py's default: decoded images) | 'aligner' (the Janus-Pro configs: cheaper)
 hard_bs = None  # None: the preset's (8; janus-pro-7b 6, as config/unigame_janus_pro_7b.py)
 cand_k = 2
-mine_cfg = None  # guidance of mine='generate'; None: train.py's gen_cfg (1.0) for tiny, the Janus-Pro configs' 5.0
+mine_cfg = None  # train.py's gen_cfg for mine='generate'; None: train.py's 1.0 for tiny, the Janus-Pro configs' 5.0
 gradient_checkpointing = None  # None: the preset's (on for janus-pro-7b)
-n_layer = None  # LM and vision layers; None: the architecture's. Fewer: a quick smoke run of a big preset
+n_layer = None  # LM and vision layers of a janus-pro preset; None: the architecture's. Fewer: a quick smoke run
+cache_dir = "out/bench"  # where the random janus-pro models are saved (and reused) for train.py to load
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # CUDA: autocast dtype, and the big presets' frozen weights
-compile = torch.cuda.is_available()  # time eager, then compiled (the modules train.py compiles)
+compile = torch.cuda.is_available()  # time eager, then compiled (train.py --compile: the LM and vision tower)
 allow_cpu = False  # let a janus-pro preset run on CPU: only for smoke runs (n_layer, batch_size, repeats small)
-threads = 0  # CPU threads for torch (0: torch's default)
+threads = 0  # CPU threads for torch, here and in train.py (0: torch's default)
 seed = 0
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # -----------------------------------------------------------------------------------------------
@@ -73,7 +89,8 @@ ARCHS = {
 PRESET_BATCH = {"tiny": 16, "janus-pro-1b": 8, "janus-pro-7b": 4}
 # dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name; first match wins
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
-ALL = ["sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate", "generate_dynamic", "generate_static"]
+TRAINING = ["sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate"]
+ALL = TRAINING + ["generate_dynamic", "generate_static"]
 
 if preset not in PRESET_BATCH:
     raise SystemExit(f"config error: preset={preset!r}: expected one of {', '.join(PRESET_BATCH)}")
@@ -82,6 +99,8 @@ if perturb_at not in ("vq", "aligner"):
     raise SystemExit(f"config error: perturb_at={perturb_at!r}: expected 'vq' or 'aligner'")
 if any(b not in ALL for b in chosen):
     raise SystemExit(f"config error: benchmarks={benchmarks!r}: choose from {', '.join(ALL)}")
+if warmup < 0 or repeats < 1:
+    raise SystemExit(f"config error: warmup={warmup}, repeats={repeats}: need warmup >= 0 and repeats >= 1")
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if preset != "tiny" and device_type == "cpu" and not allow_cpu:
     raise SystemExit(f"bench: preset {preset} is a {'1' if '1b' in preset else '7'}B-parameter model and needs a GPU "
@@ -92,11 +111,14 @@ hard_bs = hard_bs if hard_bs is not None else 6 if preset == "janus-pro-7b" else
 mine_cfg = mine_cfg if mine_cfg is not None else 1.0 if preset == "tiny" else 5.0
 gen_B = gen_batch or B
 checkpointing = preset == "janus-pro-7b" if gradient_checkpointing is None else gradient_checkpointing
+# frozen weights: the big presets in the autocast dtype on CUDA, as Janus-Pro is loaded for training with LoRA
+weights = dtype if preset != "tiny" and device_type == "cuda" else "float32"
 if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)
 ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" else nullcontext()
 HERE = os.path.dirname(os.path.abspath(__file__))
+cpu = device_type == "cpu"  # on CPU every figure is also given in process CPU time
 
 
 def sync():
@@ -104,12 +126,11 @@ def sync():
         torch.cuda.synchronize()
 
 
-# ---- the model ----------------------------------------------------------------------------------
+# ---- the model: a directory train.py can load -----------------------------------------------------
 
 def janus_pro(arch, tok):
     """A random-initialised Janus-Pro of the named architecture, built on `device` directly (the CPU
-    never holds a copy); frozen weights in the autocast dtype on CUDA, as Janus-Pro is loaded for
-    training with LoRA."""
+    never holds a copy), its weights in `weights`."""
     from transformers import JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
     lm = {**ARCHS[arch], **({"num_hidden_layers": n_layer} if n_layer else {})}
     text = LlamaConfig(vocab_size=102400, max_position_embeddings=16384, rms_norm_eps=1e-6,
@@ -120,9 +141,8 @@ def janus_pro(arch, tok):
     config = JanusConfig(text_config=text, vision_config=vision,
                          vq_config=JanusVQVAEConfig(projection_dim=width, image_token_embed_dim=width),
                          image_token_id=tok.convert_tokens_to_ids(IMAGE), tie_word_embeddings=False)
-    weights = getattr(torch, dtype) if device_type == "cuda" else torch.float32
     default = torch.get_default_dtype()
-    torch.set_default_dtype(weights)
+    torch.set_default_dtype(getattr(torch, weights))
     try:
         with torch.device(device):
             janus = JanusForConditionalGeneration(config)
@@ -131,195 +151,116 @@ def janus_pro(arch, tok):
     return UMM(janus, tok, system_prompt=JANUS_SYSTEM_PROMPT)
 
 
-records = data.shapes_world("train", max(2 * B, B + hard_bs, gen_B), seed=0)
-if preset == "tiny":
-    umm = UMM.from_pretrained(os.path.join(HERE, "assets/shapes-base")).to(device)
-else:
+def model_dir():
+    """tiny: the shipped base. A janus-pro preset: its random-weight model, saved in cache_dir the first
+    time and reused while the architecture (and weight dtype) is the same."""
+    if preset == "tiny":
+        return os.path.join(HERE, "assets/shapes-base")
+    arch = {"preset": preset, "n_layer": n_layer, "weights": weights, "lm": ARCHS[preset], "seed": seed}
+    path = os.path.abspath(os.path.join(cache_dir, f"{preset}{f'-{n_layer}layer' if n_layer else ''}-{weights}"))
+    marker = os.path.join(path, "bench.json")
+    if os.path.isfile(marker) and json.load(open(marker)) == arch:
+        print(f"bench: reusing {path}")
+        return path
+    print(f"bench: building a random {preset}{f' of {n_layer} layer(s)' if n_layer else ''} in {path}")
+    shutil.rmtree(path, ignore_errors=True)
     # our tokenizer, taught the system prompt's words so that prompts are about as long as with DeepSeek's
+    records = data.shapes_world("train", 256, seed=0)
     corpus = [r["question"] for r in records] + [r["caption"] for r in records] + [JANUS_SYSTEM_PROMPT] * 20
     umm = janus_pro(preset, build_tokenizer(corpus, 1024))
-if checkpointing:
-    umm.janus.gradient_checkpointing_enable()
-# what trains: LoRA on the LM projections, as train.py's default (train_modules='')
-umm.requires_grad_(False)
-lora = add_lora(umm.janus.model.language_model, lora_r, 32, 0.05)
-for p in lora:
-    p.data = p.data.float()  # trained tensors in float32 (AdamW moments too), even where frozen weights are bf16
-decay, no_decay = [p for p in lora if p.dim() >= 2], [p for p in lora if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                              lr=5e-4, betas=(0.9, 0.95))
-token_dim = umm.codebook.shape[1] if perturb_at == "vq" else umm.janus.config.text_config.hidden_size
-perturber = Perturber(token_dim, eps_min=0.0, eps_max=0.3, eps_init=0.15, relative=True).to(device)
-opt_G = torch.optim.AdamW(perturber.parameters(), lr=1e-2, weight_decay=0.0)
-grid = (umm.grid, umm.grid)
-n_params = sum(p.numel() for p in umm.parameters())
+    umm.save_pretrained(path)
+    del umm
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+    with open(marker, "w") as f:  # last: a directory without it is rebuilt
+        json.dump(arch, f)
+    return path
 
 
-def batch_of(n):
-    """A fixed batch: the same samples every step, so every step has the same shapes (data loading
-    and preprocessing are the loader's cost, the same for SFT and UniGame, and are left out)."""
-    rs = records[:n]
-    pixels = umm.preprocess([r["image"] for r in rs])
-    return pixels, [r["question"] for r in rs], [r["answers"][0] for r in rs], [r["caption"] for r in rs]
+# ---- the training benchmarks: train.py runs --------------------------------------------------------
+
+def batch_of(name):
+    return {"sft_hard": B + hard_bs, "sft_2x": 2 * B}.get(name, gen_B if name.startswith("generate") else B)
 
 
-batches = {n: batch_of(n) for n in {B, B + hard_bs, 2 * B, gen_B}}
+def train(name, path, iters, **flags):
+    """Run train.py for benchmark `name` (`iters` steps, each logged) and return its log's step records.
+    A failed run stops bench with the end of train.py's output."""
+    n = batch_of(name)
+    game = name.startswith("unigame")
+    args = dict(init_from=path, game=game, batch_size=n, max_iters=iters, train_n=n * iters, log_interval=1,
+                ckpt_interval=0, eval_interval=0, eval_n=4, eval_adv_steps=0, lora_r=lora_r, perturb_at=perturb_at, hard_bs=hard_bs,
+                cand_k=cand_k, gradient_checkpointing=checkpointing, load_dtype=weights, device=device, dtype=dtype,
+                compile=compile, threads=threads, seed=seed)
+    if game:
+        args.update(mine=name.split("_")[1], gen_cfg=mine_cfg)
+    args.update(flags)
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={out}"] + [f"--{k}={v}" for k, v in args.items()]
+        print(f"bench: {name}{' (compiled)' if args['compile'] else ''}{' (FLOP count)' if args.get('count_flops') else ''}: "
+              f"{iters} train.py step(s)", flush=True)
+        r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stdout + r.stderr).replace("\r", "\n")
+            tail = "\n".join(line for line in tail.splitlines() if line.strip())[-3000:]
+            raise SystemExit(f"bench: {name}: train.py failed (exit {r.returncode}):\n  {' '.join(cmd)}\n{tail}")
+        with open(os.path.join(out, "log.jsonl")) as f:
+            steps = [rec for rec in map(json.loads, f) if "ms" in rec]
+    if len(steps) != iters:
+        raise SystemExit(f"bench: {name}: train.py logged {len(steps)} steps, expected {iters}")
+    return steps
 
-# A full hard buffer (train.py's capacity), so that every timed step pops hard_bs samples whatever
-# mining kept: items are made of the batch's own samples, with random hardness.
-buffer = HardBuffer(4096, 1.75)
-with torch.no_grad():
-    pixels, questions, answers, _ = batches[B]
-    if perturb_at == "vq":
-        stored = [{"codes": c.clone()} for c in umm.image_codes(pixels).cpu()]
-    else:  # one zero delta shared by all: 4096 of Janus-Pro's (576, 2048) deltas would take 4.8 GB
-        zero = torch.zeros(umm.num_image_tokens, umm.janus.config.text_config.hidden_size, dtype=torch.float16)
-        stored = [{"image": im, "delta": zero} for im in umm.to_uint8(pixels)]
-buffer.push(torch.rand(4096), [{**stored[i % B], "question": questions[i % B], "answer": answers[i % B], "source": "bench"}
-                               for i in range(4096)])
+
+def medians(steps, key):
+    """Per phase, the median over `steps` of rec[key][phase] (key: 'ms' or 'cpu_ms')."""
+    return {k: statistics.median(s[key][k] for s in steps) for k in steps[0][key]}
 
 
-# ---- the steps ----------------------------------------------------------------------------------
+def time_training(name, path, compiled):
+    """{'ms', 'cpu_ms': phase -> median, 'mem_gb', 'hard'} of the timed steps of one train.py run, eager or
+    compiled (compiling takes the first steps: at least 2 of warm-up)."""
+    n_warmup = max(warmup, 2) if compiled else warmup
+    steps = train(name, path, n_warmup + repeats, compile=compiled)[n_warmup:]
+    return {"ms": medians(steps, "ms"), "cpu_ms": medians(steps, "cpu_ms"),
+            "mem_gb": max(s.get("mem_gb", 0) for s in steps),
+            "hard": statistics.median(s.get("n_hard", 0) for s in steps)}
+
+
+def count_flops(name, path):
+    """FLOPs of train.py's first step, as torch's FlopCounterMode counts them (matmuls, attention,
+    convolutions, forward and backward), eager. Gradient checkpointing is off for the count: its
+    recomputation is not model work, so that MFU is model FLOPs utilisation, not hardware utilisation."""
+    try:
+        return train(name, path, 1, count_flops=True, compile=False, gradient_checkpointing=False)[0]["flops"]
+    except SystemExit as e:
+        if "OutOfMemoryError" not in str(e):
+            raise
+        print(f"bench: {name}: FLOP count skipped: the step does not fit without gradient checkpointing")
+        return None
+
+
+def peak_flops():
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16 if k in name), None)
+
+
+# ---- the generation benchmarks: UMM.generate_images, timed here --------------------------------------
 
 def stamp():
-    """(wall, CPU) seconds. Wall time, device-synchronised, is what a step costs. On a CPU shared with
-    other jobs, this process's CPU time is also kept: single-threaded, it is the wall time an idle core
-    would take, whatever the other jobs do."""
+    """(wall, CPU) seconds, device-synchronised."""
     sync()
     return time.perf_counter(), time.process_time()
 
 
-def medians(pairs):
-    return tuple(statistics.median(x) for x in zip(*pairs))
-
-
-class Laps:
-    """Splits a step into phases: lap(name) records the (wall, CPU) time since the last lap."""
-
-    def __init__(self):
-        self.times, self.on = {}, False
-
-    def start(self):
-        self.t = stamp()
-
-    def lap(self, name):
-        t = stamp()
-        if self.on:
-            self.times.setdefault(name, []).append((t[0] - self.t[0], t[1] - self.t[1]))
-        self.t = t
-
-    def medians(self):
-        return {k: medians(v) for k, v in self.times.items()}
-
-
-def understanding_step(pixels, questions, answers, hard):
-    """train.py's step 6: w_clean * CE(clean) + CE(hard samples), one backward, clip, AdamW."""
-    n = len(questions)
-    with ctx:
-        emb = umm.image_embeds(pixels)
-        if hard:
-            emb = torch.cat([emb, umm.buffered_embeds(hard)])
-        ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
-        loss = ce[:n].mean() + (ce[n:].mean() if hard else 0.0)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(lora, 1.0)
-    optimizer.step()
-
-
-def sft_step(n):
-    pixels, questions, answers, _ = batches[n]
-
-    def step():
-        umm.train()
-        understanding_step(pixels, questions, answers, [])
-    return step
-
-
-def unigame_step(mine, laps):
-    """train.py's steps 1-6 (mine_stride=1, built-in consistency score), timed in four phases."""
-    pixels, questions, answers, captions = batches[B]
-
-    def step():
-        umm.train()
-        laps.start()
-        with ctx:
-            with torch.no_grad():
-                tokens = umm.visual_tokens(pixels, perturb_at)                   # 1. encode
-            delta = perturber(tokens)                                            # 2. perturb
-            emb_adv, px_adv = umm.perturbed_view(tokens + delta, perturb_at)     # 3. project, decode
-            ce_adv = umm.answer_loss(emb_adv, questions, answers)                # 4. the perturber's move
-            loss_G = -100.0 * ce_adv.mean() + regularizer(delta, perturber.eps, 1e-3, 1e-3, 1e-3, grid)
-        laps.lap("perturber forward")
-        for p, g in zip(perturber.parameters(), torch.autograd.grad(loss_G, list(perturber.parameters()))):
-            p.grad = g
-        torch.nn.utils.clip_grad_norm_(perturber.parameters(), 1.0)
-        opt_G.step()
-        opt_G.zero_grad(set_to_none=True)
-        laps.lap("perturber backward + step")
-        with torch.no_grad(), ctx:                                               # 5. mine
-            ref = umm.image_embeds(pixels).mean(1)
-            cands = []
-            if mine == "decode":
-                clean_u8 = umm.to_uint8(pixels) if perturb_at == "aligner" else None
-                for k in range(cand_k):
-                    t = tokens + (delta.detach() if k == 0 else perturber(tokens, noise_std=0.3))
-                    e, px = (emb_adv.detach(), px_adv) if k == 0 else umm.perturbed_view(t, perturb_at)
-                    ce = ce_adv.detach() if k == 0 else umm.answer_loss(e, questions, answers)
-                    store = ({"codes": umm.project_to_codebook(t)[1]} if perturb_at == "vq" else
-                             {"image": clean_u8, "delta": (t - tokens).half()})
-                    cands.append((e, px, ce, store))
-            else:
-                for k in range(cand_k):
-                    hook = (lambda v: v + perturber(v)) if perturb_at == "vq" else None
-                    codes = umm.generate_images(captions, mine_cfg, 1.0, token_hook=hook)
-                    px = umm.decode_codes(codes).clamp(-1, 1)
-                    e = umm.image_embeds(px)
-                    if perturb_at == "vq":
-                        store = {"codes": codes}
-                    else:
-                        d = perturber(e, noise_std=0.3)
-                        e, store = e + d, {"image": umm.to_uint8(px), "delta": d.half()}
-                    cands.append((e, px, umm.answer_loss(e, questions, answers), store))
-            ce = torch.cat([c[2] for c in cands]).float()
-            s = F.cosine_similarity(torch.cat([c[0].mean(1) for c in cands]).float(), ref.float().repeat(cand_k, 1))
-            H = hardness(ce, s, 1.0, 0.9)
-            keep = select_hard(H, s, torch.arange(B, device=device).repeat(cand_k), 0.75, 2, 0.9, "consistent")
-            items = []
-            for j in keep.tolist():
-                k, i = divmod(j, B)
-                items.append({**{key: v[i].cpu().clone() for key, v in cands[k][3].items()},
-                              "question": questions[i], "answer": answers[i], "source": "bench"})
-            buffer.push(H[keep].cpu(), items)
-        laps.lap("mine")
-        understanding_step(pixels, questions, answers, buffer.sample(hard_bs))  # 6. understanding step
-        laps.lap("understanding step")
-    return step
-
-
-def generate(static):
-    captions = batches[gen_B][3]
-
-    def step():
-        umm.eval()
-        with ctx:  # on CUDA the frozen weights are bf16 and the LoRA float32: autocast makes them meet
-            umm.generate_images(captions, cfg_scale=gen_cfg, temperature=1.0, static_cache=static,
-                                generator=torch.Generator(device).manual_seed(seed))
-    return step
-
-
-# ---- measuring ----------------------------------------------------------------------------------
-
-def measure(steps, n_warmup, n_repeat, laps):
+def measure(steps, n_warmup, n_repeat):
     """Median (wall, CPU) seconds per call of each step and, on CUDA, its peak memory (GiB: allocated by
     tensors, and held by the caching allocator, which is what must fit). The steps are called
     round-robin, so that load from other processes on the machine falls on all of them alike."""
     for _ in range(n_warmup):
         for fn in steps.values():
             fn()
-    sync()
-    for lp in laps.values():
-        lp.on, lp.times = True, {}
     times, peaks = {name: [] for name in steps}, {}
     for _ in range(n_repeat):
         for name, fn in steps.items():
@@ -332,78 +273,61 @@ def measure(steps, n_warmup, n_repeat, laps):
             if device_type == "cuda":
                 now = (torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.max_memory_reserved() / 2 ** 30)
                 peaks[name] = tuple(max(a, b) for a, b in zip(peaks.get(name, (0, 0)), now))
-    for lp in laps.values():
-        lp.on = False
-    return {name: medians(ts) for name, ts in times.items()}, peaks
+    return {name: tuple(statistics.median(x) for x in zip(*ts)) for name, ts in times.items()}, peaks
 
 
-def count_flops(fn):
-    """FLOPs of one eager call of fn, as torch's FlopCounterMode counts them (matmuls, attention,
-    convolutions, forward and backward). Gradient checkpointing is off for the count: its recomputation
-    is not model work, so that MFU is model FLOPs utilisation, not hardware utilisation."""
-    from torch.utils.flop_counter import FlopCounterMode
-    if checkpointing:
-        umm.janus.gradient_checkpointing_disable()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        sync()
-        return counter.get_total_flops()
-    except torch.cuda.OutOfMemoryError:
-        print("FLOP count skipped: the step does not fit without gradient checkpointing")
-        return None
-    finally:
-        if checkpointing:
-            umm.janus.gradient_checkpointing_enable()
-        if device_type == "cuda":
-            torch.cuda.empty_cache()
+def generate(umm, captions, static):
+    def step():
+        with ctx:  # on CUDA the frozen weights are bf16 and the LoRA float32: autocast makes them meet
+            umm.generate_images(captions, cfg_scale=gen_cfg, temperature=1.0, static_cache=static,
+                                generator=torch.Generator(device).manual_seed(seed))
+    return step
 
 
-def peak_flops():
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16 if k in name), None)
+# ---- running them -------------------------------------------------------------------------------
 
-
-laps = {"unigame_decode": Laps(), "unigame_generate": Laps()}
-makers = {"sft": lambda: sft_step(B), "sft_hard": lambda: sft_step(B + hard_bs), "sft_2x": lambda: sft_step(2 * B),
-          "unigame_decode": lambda: unigame_step("decode", laps["unigame_decode"]),
-          "unigame_generate": lambda: unigame_step("generate", laps["unigame_generate"]),
-          "generate_dynamic": lambda: generate(False), "generate_static": lambda: generate(True)}
-steps = {name: makers[name]() for name in chosen}
-seq_len = max(len(umm.prompt_ids(q)) + len(umm.answer_ids(a)) for q, a in zip(*batches[B][1:3]))
-print(f"bench: {preset} | {n_params / 1e6:.1f}M parameters, LoRA r={lora_r} ({sum(p.numel() for p in lora) / 1e6:.2f}M trained)"
-      f"{', gradient checkpointing' if checkpointing else ''} | perturb_at={perturb_at}, batch {B}, hard_bs {hard_bs}, cand_k {cand_k}, "
-      f"understanding sequence {seq_len} tokens, {umm.num_image_tokens} image tokens | {device}"
+path = model_dir()
+print(f"bench: {preset} ({path}) | perturb_at={perturb_at}, batch {B}, hard_bs {hard_bs}, cand_k {cand_k}, "
+      f"LoRA r={lora_r}{', gradient checkpointing' if checkpointing else ''} | {device}"
       f"{' ' + torch.cuda.get_device_name(device) if device_type == 'cuda' else ''}, torch {torch.__version__}, "
-      f"{torch.get_num_threads()} threads | warm-up {warmup}, median of {repeats}")
-
-# FLOPs: counted once per training step, eagerly, before anything is compiled
+      f"{threads or torch.get_num_threads()} threads | train.py runs: warm-up {warmup}, median of {repeats}", flush=True)
 peak = peak_flops()
-flops = {}
-if peak:
-    for name in [n for n in ("sft", "sft_hard", "sft_2x", "unigame_decode") if n in steps]:
-        steps[name]()  # the first call runs lazy initialisation outside the count
-        flops[name] = count_flops(steps[name])
-eager, peaks = measure(steps, warmup, repeats, laps)
-timed, phase_times = eager, {k: lp.medians() for k, lp in laps.items()}
-if compile:
-    # the modules train.py compiles; generate_images compiles its own decode step (static cache, CUDA)
-    umm.janus.model.language_model.compile()
-    umm.janus.model.vision_model.compile()
-    timed, peaks = measure(steps, max(warmup, 2), repeats, laps)
-    phase_times = {k: lp.medians() for k, lp in laps.items()}
+eager, timed, flops = {}, {}, {}
+for name in [n for n in TRAINING if n in chosen]:
+    eager[name] = timed[name] = time_training(name, path, compiled=False)
+    if compile:
+        timed[name] = time_training(name, path, compiled=True)
+    if peak and name in ("sft", "sft_hard", "sft_2x", "unigame_decode"):
+        flops[name] = count_flops(name, path)
+
+# the generation benchmarks, and what the report says of the model: the model as train.py trains it (LoRA added)
+umm = UMM.from_pretrained(path, dtype=getattr(torch, weights)).to(device)
+lora = umm.set_trainable([], lora_r)
+# the train.py runs read prefixes of the same samples (train_n = batch * steps): the longest of these
+records = data.shapes_world("train", max(max(map(batch_of, TRAINING)) * (max(warmup, 2) + repeats), gen_B), seed=0)
+seq_len = max(len(umm.prompt_ids(r["question"])) + len(umm.answer_ids(r["answers"][0])) for r in records)
+n_params = sum(p.numel() for p in umm.parameters())
+gen = {name: generate(umm, [r["caption"] for r in records[:gen_B]], name == "generate_static")
+       for name in ("generate_dynamic", "generate_static") if name in chosen}
+peaks = {}
+if gen:
+    print(f"bench: {', '.join(gen)}: {warmup} + {repeats} calls", flush=True)
+    gen_eager, peaks = measure(gen, warmup, repeats)
+    gen_timed = gen_eager
+    if compile:  # the modules train.py compiles; generate_images compiles its own decode step (static cache, CUDA)
+        umm.compile_towers()
+        gen_timed, peaks = measure(gen, max(warmup, 2), repeats)
+    for name in gen:  # as train.py's phases: milliseconds
+        eager[name] = {"ms": {"step": 1e3 * gen_eager[name][0]}, "cpu_ms": {"step": 1e3 * gen_eager[name][1]}}
+        timed[name] = {"ms": {"step": 1e3 * gen_timed[name][0]}, "cpu_ms": {"step": 1e3 * gen_timed[name][1]}}
 
 # ---- report -------------------------------------------------------------------------------------
 
-cpu = device_type == "cpu"  # on CPU every figure is also given in process CPU time (see stamp)
 
-
-def ratios_of(clock):
-    """The issue's ratios, from wall (clock=0) or CPU (clock=1) times."""
-    t = {name: v[clock] for name, v in timed.items()}
-    mine = {name: ph["mine"][clock] for name, ph in phase_times.items() if "mine" in ph}
+def ratios_of(key):
+    """The issue's ratios, from wall (key='ms') or CPU (key='cpu_ms') times."""
+    t = {name: v[key]["step"] for name, v in timed.items()}
+    mine = {name: v[key]["mine"] for name, v in timed.items() if "mine" in v[key]}
     out = {}
     for other in ("sft", "sft_hard", "sft_2x"):
         if other in t and "unigame_decode" in t:
@@ -411,8 +335,8 @@ def ratios_of(clock):
     if "sft" in t and "unigame_generate" in t:
         out["unigame_generate_over_sft"] = t["unigame_generate"] / t["sft"]
     if len(mine) == 2:  # one mined candidate: the mining phase over the B * cand_k candidates it scores
-        out["ms_per_candidate_decode"] = 1e3 * mine["unigame_decode"] / (B * cand_k)
-        out["ms_per_candidate_generate"] = 1e3 * mine["unigame_generate"] / (B * cand_k)
+        out["ms_per_candidate_decode"] = mine["unigame_decode"] / (B * cand_k)
+        out["ms_per_candidate_generate"] = mine["unigame_generate"] / (B * cand_k)
         out["generate_over_decode_per_candidate"] = mine["unigame_generate"] / mine["unigame_decode"]
     if "generate_dynamic" in t and "generate_static" in t:
         out["static_over_dynamic_speedup"] = t["generate_dynamic"] / t["generate_static"]
@@ -421,35 +345,40 @@ def ratios_of(clock):
 
 tokens_per_image = umm.num_image_tokens
 results = {}
-for name in steps:
-    t, t_cpu = timed[name]
-    n = {"sft_hard": B + hard_bs, "sft_2x": 2 * B}.get(name, gen_B if name.startswith("generate") else B)
-    r = {"batch": n, "ms": 1e3 * t, "samples_per_s": n / t}
+for name in [n for n in ALL if n in timed]:
+    ms, n = timed[name]["ms"]["step"], batch_of(name)
+    r = {"batch": n, "ms": ms, "samples_per_s": 1e3 * n / ms}
     if cpu:
-        r["cpu_ms"] = 1e3 * t_cpu
+        r["cpu_ms"] = timed[name]["cpu_ms"]["step"]
     if name.startswith("generate"):
-        r["tokens_per_s"] = n * tokens_per_image / t
+        r["tokens_per_s"] = 1e3 * n * tokens_per_image / ms
     if name in peaks:
         r["peak_mem_gb"], r["peak_reserved_gb"] = peaks[name]
+    elif timed[name].get("mem_gb"):  # train.py's: torch.cuda.max_memory_reserved over its run
+        r["peak_reserved_gb"] = timed[name]["mem_gb"]
     if flops.get(name):
         r["tflops"] = flops[name] / 1e12
-        r["mfu"] = flops[name] / t / peak
+        r["mfu"] = flops[name] / (ms / 1e3) / peak
     if compile:
-        r["eager_ms"] = 1e3 * eager[name][0]
-        r["compile_speedup"] = eager[name][0] / t
-    if name in phase_times:
-        r["phases_ms"] = {k: 1e3 * v[0] for k, v in phase_times[name].items()}
+        r["eager_ms"] = eager[name]["ms"]["step"]
+        r["compile_speedup"] = r["eager_ms"] / ms
+    if name in TRAINING:  # train.py's phases, without their sum ("step": ms above)
+        r["phases_ms"] = {k: v for k, v in timed[name]["ms"].items() if k != "step"}
         if cpu:
-            r["phases_cpu_ms"] = {k: 1e3 * v[1] for k, v in phase_times[name].items()}
+            r["phases_cpu_ms"] = {k: v for k, v in timed[name]["cpu_ms"].items() if k != "step"}
+    if name.startswith("unigame"):
+        r["hard_per_step"] = timed[name]["hard"]
     results[name] = r
-ratios = ratios_of(0)
-ratios_cpu_time = ratios_of(1) if cpu else {}
-peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+ratios = ratios_of("ms")
+ratios_cpu_time = ratios_of("cpu_ms") if cpu else {}
+# the largest resident set of this process and of any train.py run (KiB on Linux)
+peak_rss_gb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2 ** 20
 
-print()
+print(f"\nbench: {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in lora.values()) / 1e6:.2f}M trained | longest "
+      f"understanding sequence {seq_len} tokens, {tokens_per_image} image tokens")
 head = f"{'benchmark':<18}{'batch':>6}{'ms':>10}" + (f"{'cpu ms':>10}" if cpu else "") + f"{'samples/s':>11}{'tokens/s':>10}"
 if not cpu:
-    head += f"{'alloc GB':>9}{'held GB':>9}{'MFU':>7}"
+    head += f"{'held GB':>9}{'MFU':>7}"
 if compile:
     head += f"{'eager ms':>10}{'compile x':>10}"
 print(head)
@@ -457,7 +386,7 @@ for name, r in results.items():
     line = f"{name:<18}{r['batch']:>6}{r['ms']:>10.1f}" + (f"{r['cpu_ms']:>10.1f}" if cpu else "")
     line += f"{r['samples_per_s']:>11.2f}" + (f"{r['tokens_per_s']:>10.0f}" if "tokens_per_s" in r else f"{'-':>10}")
     if not cpu:
-        line += f"{r['peak_mem_gb']:>9.2f}{r['peak_reserved_gb']:>9.2f}" + (f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}")
+        line += f"{r.get('peak_reserved_gb', float('nan')):>9.2f}" + (f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}")
     if compile:
         line += f"{r['eager_ms']:>10.1f}{r['compile_speedup']:>9.2f}x"
     print(line)
@@ -465,13 +394,15 @@ for name, r in results.items():
     for key in ("phases_ms", "phases_cpu_ms"):
         if key in r:
             print(f"  {name} {key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.1f}" for k, v in r[key].items()))
+    if "hard_per_step" in r:
+        print(f"  {name} hard samples a step: {r['hard_per_step']:g} (hard_bs {hard_bs})")
 for k in ratios:
     print(f"  {k}: {ratios[k]:.2f}" + (f"  (CPU time: {ratios_cpu_time[k]:.2f})" if cpu else ""))
 if cpu:
-    print(f"  peak memory (process RSS): {peak_rss_gb:.2f} GB")
-print(json.dumps({"preset": preset, "device": device if cpu else torch.cuda.get_device_name(device),
-                  "torch": torch.__version__, "threads": torch.get_num_threads(), "perturb_at": perturb_at, "batch_size": B,
-                  "hard_bs": hard_bs, "cand_k": cand_k, "mine_cfg": mine_cfg, "seq_len": seq_len,
+    print(f"  peak memory (process RSS, the largest of bench and its train.py runs): {peak_rss_gb:.2f} GB")
+print(json.dumps({"preset": preset, "model": path, "device": device if cpu else torch.cuda.get_device_name(device),
+                  "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "perturb_at": perturb_at,
+                  "batch_size": B, "hard_bs": hard_bs, "cand_k": cand_k, "mine_cfg": mine_cfg, "seq_len": seq_len,
                   "image_tokens": tokens_per_image, "params_m": n_params / 1e6, "gradient_checkpointing": checkpointing,
                   "compile": compile, "dtype": "float32" if cpu else dtype, "warmup": warmup, "repeats": repeats,
                   "peak_rss_gb": peak_rss_gb, "results": results, "ratios": ratios, "ratios_cpu_time": ratios_cpu_time}))

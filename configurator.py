@@ -1,5 +1,5 @@
 """
-Plain-Python configuration, exec'd by train.py / eval.py after they define their globals:
+Plain-Python configuration, exec'd by train.py, eval.py, bench.py and assets/build_base.py after they define their globals:
 
     python train.py config/some_overrides.py --batch_size=8 --perturb_at=aligner
 

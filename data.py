@@ -80,7 +80,7 @@ def render(attrs, rng=None):
     return image.clip(0, 255).round().astype(np.uint8)
 
 
-DESCRIBE = "describe the image."  # the understanding question whose answer is the caption (train.py's caption_p)
+DESCRIBE = "describe the image."  # the understanding question whose answer is the caption (assets/build_base.py's caption_p)
 
 
 def caption(attrs):
@@ -91,7 +91,7 @@ def caption(attrs):
 def object_labels(attrs):
     """Per object: (x0, y0, x1, y1), the pixel box it lives in (its half of the image when there are two,
     the whole image when alone), and the indices of its colour in COLORS and its shape in SHAPES. The
-    labels of train.py's vision_labels_iters, which pretrain the tiny SigLIP."""
+    labels of assets/build_base.py's vision_labels_iters, which pretrain the tiny SigLIP."""
     objs = attrs["objects"]
     return [(REGIONS[o["pos"]] if len(objs) > 1 else (0, 0, SIZE, SIZE), list(COLORS).index(o["color"]), SHAPES.index(o["shape"]))
             for o in objs]

@@ -52,6 +52,9 @@ perturb_at = None  # 'vq' | 'aligner'
 eps = None  # the budget's radius: the game's eps_max, not the perturber's learned eps, so every arm faces one attack
 eps_relative = None  # True: eps is a fraction of each token's norm
 adv_steps = 5
+adv_steps_strong = 0  # also a PGD attack with this many steps (robustness_adv_strong); 0: not
+pixel_eps = ""  # comma list of L-inf budgets on the image itself, in /255 (e.g. '4,8'): robustness_pixel_4 ...; '': none
+pixel_steps = 10
 adv_step_size = 0.0  # per PGD step, in the units of eps; 0: 2.5 * eps / adv_steps (crosses the ball more than once)
 buffer = ""  # a training out_dir: report the label-preservation rate of its hard buffer instead of evaluating
 seed = 0
@@ -167,16 +170,21 @@ def label(record):
 # ---- understanding, generation, consistency ------------------------------------------------------
 
 @torch.no_grad()
-def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
-    """Mean answer score of greedy answers: exact match on world samples, VQA accuracy on real ones
-    (attrs None). `embed` maps pixels to the understanding embeds the model answers from (default:
+def understanding_scores(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
+    """The answer score of each record's greedy answer: exact match on world samples, VQA accuracy on real
+    ones (attrs None). `embed` maps pixels to the understanding embeds the model answers from (default:
     umm.image_embeds; see perturbed_embed)."""
     scores = []
     for chunk in _batches(records, batch_size, progress, desc):
         px = _pixels(umm, chunk)
         preds = umm.answer((embed or umm.image_embeds)(px), [r["question"] for r in chunk])
         scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
-    return _mean(scores)
+    return scores
+
+
+def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
+    """The mean of understanding_scores."""
+    return _mean(understanding_scores(umm, records, embed, batch_size, progress, desc))
 
 
 @torch.no_grad()
@@ -235,6 +243,17 @@ def perturbed_embed(umm, delta_fn, at="vq"):
     return embed
 
 
+@torch.no_grad()
+def codes_changed(umm, records, delta_fn, batch_size=64):
+    """The share of image tokens whose codebook entry a perturbation changes (at 'vq'): how much of it survives
+    the projection onto the codebook (a straight-through gradient can claim an effect where no code moves)."""
+    changed = []
+    for chunk in _batches(records, batch_size, False, ""):
+        tokens = umm.visual_tokens(_pixels(umm, chunk), "vq")
+        changed.append((umm.project_to_codebook(tokens + delta_fn(tokens))[1] != umm.project_to_codebook(tokens)[1]).float().mean())
+    return torch.stack(changed).mean().item()
+
+
 def random_delta(eps, relative=True, seed=0, device="cpu"):
     """A random (not adversarial) perturbation of budget eps: the control for the perturber."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -245,9 +264,7 @@ def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, 
     """A fresh attack on the answer: L2 PGD on δ (perturber.pgd_attack) that maximises the answer
     cross-entropy of the view umm.perturbed_view(tokens + δ, at). At 'vq' the projection onto the
     codebook is straight-through, so the gradient reaches δ through decoder, vision encoder and LM."""
-    def loss_fn(t):
-        return umm.answer_loss(umm.perturbed_view(t, at)[0], questions, answers)
-    return pgd_attack(loss_fn, tokens, eps, steps, step_size, relative, generator)
+    return pgd_attack(lambda t: umm.perturbed_loss(t, questions, answers, at), tokens, eps, steps, step_size, relative, generator)
 
 
 def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5, step_size=None, batch_size=64,
@@ -257,7 +274,7 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
     "ce_attacked"}: accuracy and mean answer cross-entropy of the same samples without and with the
     attack, both through the same view (at 'vq': the VQ reconstruction), so the gap is the attack's alone."""
     g = torch.Generator(device=umm.device).manual_seed(seed)
-    acc0, acc1, ce0, ce1 = [], [], [], []
+    acc0, acc1, ce0, ce1, changed = [], [], [], [], []
     for chunk in _batches(records, batch_size, progress, f"PGD attack ({steps} steps)"):
         questions, answers = [r["question"] for r in chunk], [label(r) for r in chunk]
         with torch.no_grad():
@@ -265,18 +282,46 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
         delta = pgd_delta(umm, tokens, questions, answers, at, eps, relative, steps, step_size, g)
         with torch.no_grad():
             for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1)):
-                emb = umm.perturbed_view(tokens + d, at)[0]
+                emb, _, codes = umm.perturbed_view(tokens + d, at)
                 ce.extend(umm.answer_loss(emb, questions, answers).tolist())
                 acc.extend(answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(umm.answer(emb, questions), chunk))
-    return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1)}
+                changed += [(codes != umm.project_to_codebook(tokens)[1]).float().mean(1)] if at == "vq" and d is delta else []
+    return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1),
+            "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1}
 
 
-def summary(umm, records, perturber=None, at="vq"):
-    """train.py's before / after table: clean accuracy, and accuracy under a perturber when there is one."""
+def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64, seed=0, progress=True):
+    """Answer scores under an L-infinity PGD attack on the image itself (eps in [0, 1] pixel units, steps of
+    2.5 * eps / steps by gradient sign, from a random start), straight into the understanding branch: no VQ
+    model, so outside the game's threat model, a measure of how far robustness transfers."""
+    g = torch.Generator(device=umm.device).manual_seed(seed)
+    scores = []
+    for chunk in _batches(records, batch_size, progress, f"pixel PGD ({eps * 255:.0f}/255, {steps} steps)"):
+        questions, answers = [r["question"] for r in chunk], [label(r) for r in chunk]
+        px = _pixels(umm, chunk)
+        radius = eps / umm.image_std  # pixel units -> the model's normalised space
+        lo, hi = (0 - umm.image_mean) / umm.image_std, (1 - umm.image_mean) / umm.image_std
+        delta = (torch.rand(px.shape, generator=g, device=px.device) * 2 - 1) * radius
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = umm.answer_loss(umm.image_embeds((px + delta).clamp(lo, hi)), questions, answers).sum()
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = (delta.detach() + 2.5 * radius / steps * grad.sign()).clamp(-radius, radius)
+        with torch.no_grad():
+            preds = umm.answer(umm.image_embeds((px + delta).clamp(lo, hi)), questions)
+        scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
+    return scores
+
+
+def summary(umm, records, perturber=None, at="vq", attack=None):
+    """train.py's before / after table: clean accuracy; accuracy under a perturber when there is one; under a
+    fresh PGD attack when `attack` is given (adversarial_accuracy's eps, relative, steps)."""
     umm.eval()
     res = {"clean": understanding_accuracy(umm, records, progress=False)}
     if perturber is not None:
         res["under_perturber"] = understanding_accuracy(umm, records, perturbed_embed(umm, perturber, at), progress=False)
+    if attack:
+        res[f"under_pgd_{attack['steps']}_steps"] = adversarial_accuracy(umm, records, at, progress=False, **attack)["accuracy"]
     return res
 
 
@@ -486,9 +531,26 @@ def compare(patterns):
             if j:
                 row.append("—" if s is None or first is None else f"{s[0] - first[0]:+.3f}")
         rows.append(row)
+    # paired differences: the same samples in every run (eval.json's per_sample scores), the k-th run of each glob
+    # paired with the k-th of the first (e.g. the same seed); 95 % interval of the mean difference by resampling
+    # the samples (the same resample for every pair of runs), 2000 times
+    paired = []
+    for key in keys:
+        for j, (pattern, runs) in enumerate(groups[1:], 1):
+            pairs = [(a["per_sample"][key], b["per_sample"][key]) for a, b in zip(groups[0][1], runs)
+                     if key in a.get("per_sample", {}) and key in b.get("per_sample", {})]
+            if not pairs or any(len(a) != len(b) for a, b in pairs):
+                continue
+            d = torch.tensor([[y - x for x, y in zip(a, b)] for a, b in pairs], dtype=torch.float64)  # (runs, samples)
+            g = torch.Generator().manual_seed(0)
+            boots = d[:, torch.randint(d.shape[1], (2000, d.shape[1]), generator=g)].mean((0, 2))
+            lo, hi = boots.quantile(0.025).item(), boots.quantile(0.975).item()
+            per_run = ", ".join(f"{x:+.3f}" for x in d.mean(1).tolist())
+            paired.append(f"{key:<30} {pattern} − {groups[0][0]}: {d.mean().item():+.3f} [{lo:+.3f}, {hi:+.3f}]  per run: {per_run}")
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))).rstrip()
-                     for r in rows)
+    table = "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))).rstrip()
+                      for r in rows)
+    return table + ("\n\npaired differences, mean [95 % bootstrap interval over samples]:\n" + "\n".join(paired) if paired else "")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -534,33 +596,48 @@ if __name__ == "__main__":
         raise SystemExit(f"config error: data={data!r}: expected 'shapes', 'vqav2' or 'jsonl'")
     captioned = test[:gen_n]
 
-    res, skipped, seconds = {}, {}, {}
+    res, skipped, seconds, per_sample = {}, {}, {}, {}
     t_axes = time.time()
 
-    def record(key, value):  # a figure, and the seconds since the previous one (what it took to compute)
+    def record(key, value):  # a figure (a mean, or per-sample scores kept for paired comparisons), and its seconds
+        if isinstance(value, list):
+            per_sample[key], value = value, _mean(value)
         res[key] = value
         seconds[key] = time.time() - t_axes - sum(seconds.values())
 
-    record("understanding", understanding_accuracy(umm, test, batch_size=batch_size))
+    record("understanding", understanding_scores(umm, test, batch_size=batch_size))
     if data == "shapes":
         images = generate_images(umm, captioned, cfg_scale, temperature, batch_size, seed)  # generated once, used twice
         record("generation", oracle_accuracy(images, captioned))
         record("consistency", consistency_score(umm, images, captioned, batch_size))
-        record("robustness_ood", understanding_accuracy(umm, ood, batch_size=batch_size, desc="ood"))
+        record("robustness_ood", understanding_scores(umm, ood, batch_size=batch_size, desc="ood"))
     else:
         for k in ("generation", "consistency", "robustness_ood"):
             skipped[k] = "needs the built-in world (captions, the oracle, the ood split)"
     attack = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps, step_size, batch_size, seed)
-    record("robustness_adv", attack.pop("accuracy"))
+    attack.pop("accuracy")
+    record("robustness_adv", attack.pop("scores"))
     attack = {"perturb_at": at, "eps": radius, "relative": relative, "steps": adv_steps, "step_size": step_size,
               "n": len(test[:adv_n]), **attack}
-    random_view = perturbed_embed(umm, random_delta(radius, relative, seed, device), at)
-    record("understanding_random_perturb", understanding_accuracy(umm, test, random_view, batch_size, desc="random perturbation"))
+    if adv_steps_strong:
+        strong = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps_strong, None, batch_size, seed)
+        record("robustness_adv_strong", strong.pop("scores"))
+        attack["strong"] = {"steps": adv_steps_strong, "codes_changed": strong["codes_changed"], "ce_attacked": strong["ce_attacked"]}
+    for e in [float(x) for x in pixel_eps.split(",") if x.strip()]:
+        record(f"robustness_pixel_{e:g}", pixel_adversarial_scores(umm, test[:adv_n], e / 255, pixel_steps, batch_size, seed))
+    random_fn = random_delta(radius, relative, seed, device)
+    record("understanding_random_perturb", understanding_scores(umm, test, perturbed_embed(umm, random_fn, at), batch_size,
+                                                                 desc="random perturbation"))
     if own is not None:
         own_view = perturbed_embed(umm, own, own_info["perturb_at"])
-        record("understanding_own_perturber", understanding_accuracy(umm, test, own_view, batch_size, desc="own perturber"))
+        record("understanding_own_perturber", understanding_scores(umm, test, own_view, batch_size, desc="own perturber"))
     else:
         skipped["understanding_own_perturber"] = own_info
+    if at == "vq":  # how much of each perturbation survives the projection onto the codebook
+        changed = {"pgd": attack["codes_changed"], "random": codes_changed(umm, test[:adv_n], random_delta(radius, relative, seed, device))}
+        if own is not None and own_info["perturb_at"] == "vq":
+            changed["own_perturber"] = codes_changed(umm, test[:adv_n], own)
+        attack["codes_changed_by"] = changed
     if data == "shapes":
         record("reconstruction", reconstruction_score(umm, test, batch_size=batch_size))
 
@@ -570,7 +647,7 @@ if __name__ == "__main__":
                 "total_s": round(time.time() - t_start, 1)}
     out = {**res, "data": data, "robustness_adv_attack": attack,
            "random_perturb": {"perturb_at": at, "eps": radius, "relative": relative},
-           "own_perturber": own_info if own is not None else None, "skipped": skipped,
+           "own_perturber": own_info if own is not None else None, "skipped": skipped, "per_sample": per_sample,
            "seconds": {k: round(v, 1) for k, v in seconds.items()}, "settings": settings}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
@@ -583,6 +660,8 @@ if __name__ == "__main__":
     print(f"attack: PGD at '{at}', eps {radius:g} ({'relative to token norm' if relative else 'absolute'}), "
           f"{adv_steps} steps of {step_size:.3g}, {attack['n']} samples: accuracy {attack['accuracy_zero_delta']:.3f} -> "
           f"{res['robustness_adv']:.3f}, answer CE {attack['ce_zero_delta']:.3f} -> {attack['ce_attacked']:.3f}")
+    if "codes_changed_by" in attack:
+        print("codes changed (share of image tokens): " + ", ".join(f"{k} {v:.3f}" for k, v in attack["codes_changed_by"].items()))
     if own is not None:
         print(f"own perturber: at '{own_info['perturb_at']}', eps {own_info['eps']:.3f} of [{own_info['eps_min']}, "
               f"{own_info['eps_max']}], from {own_info['source']}")

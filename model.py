@@ -496,6 +496,10 @@ class UMM(nn.Module):
             return tokens, None, None
         raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
 
+    def perturbed_loss(self, tokens, questions, answers, at="vq"):
+        """Per-sample answer cross-entropy of the view of (perturbed) tokens (perturbed_view): what an attack ascends."""
+        return self.answer_loss(self.perturbed_view(tokens, at)[0], questions, answers)
+
     def image_codes(self, pixels):
         """VQ codes (B, N) of images: the generation targets."""
         return self.project_to_codebook(self.vq_encode(pixels))[1]

@@ -8,8 +8,9 @@ chooses *where* to push a token but never *how far*:
     relative=True    δ = ε · ‖z‖ · normalize(C(z))    ‖δ‖ / ‖z‖ = ε      (scale-free)
 
 Also here: the regulariser R(δ) of the perturber's loss, a random perturbation of the
-same budget (the baseline), and PGD on δ itself (the fresh attack that measures
-robustness). This file imports only torch so that it can be copied into other repos.
+same budget (the baseline), PGD on δ itself (the fresh attack that measures robustness,
+and the strong baseline adversary), one PGD step (which refines the perturber's δ with
+the gradient its own update computes), and direction jitter for mining candidates. This file imports only torch so that it can be copied into other repos.
 """
 import math
 
@@ -110,6 +111,31 @@ def random_like(z, eps, relative=True, generator=None):
     return (_budget(z, eps, relative) * u).to(z.dtype)
 
 
+def project(delta, z, eps, relative=True):
+    """δ scaled back into the budget ball, per token: ‖δ‖ ≤ eps·‖z‖ (relative) or eps (absolute)."""
+    radius = _budget(z, eps, relative)
+    return (delta.float() * (radius / delta.float().norm(dim=-1, keepdim=True).clamp_min(_TINY)).clamp(max=1.0)).to(delta.dtype)
+
+
+def pgd_step(delta, grad, z, eps, step_size, relative=True):
+    """One L2 PGD ascent step: each token of δ moves step_size (in units of the budget's scale: ‖z‖ if
+    relative, else 1) along its own normalised gradient of the loss, then is projected back into the ball
+    of radius eps. Used by pgd_attack, and by a game that refines the perturber's δ with the gradient its
+    own update already computed (a learned start refined by PGD)."""
+    step = step_size * _budget(z, 1.0, relative)
+    return project(delta.float() + step * _unit(grad), z, eps, relative).to(delta.dtype)
+
+
+def jitter(delta, noise_std, generator=None):
+    """δ with its per-token direction tilted by Gaussian noise (length about noise_std on the unit
+    direction, as Perturber's noise_std) and its per-token length kept: distinct mining candidates
+    drawn around one perturbation, whoever found it."""
+    u = _unit(delta)
+    noise = torch.randn(u.shape, generator=generator, device=u.device)
+    u = _unit(u + noise_std / math.sqrt(u.shape[-1]) * noise)
+    return (delta.float().norm(dim=-1, keepdim=True) * u).to(delta.dtype)
+
+
 def total_variation(delta, grid=None):
     """Mean L2 distance between the δ of neighbouring tokens, for delta of shape (..., N, dim).
 
@@ -152,16 +178,22 @@ def pgd_attack(loss_fn, z, eps, steps, step_size=None, relative=True, generator=
     """
     z = z.detach()
     eps = float(eps)
-    scale = _budget(z, 1.0, relative)
-    radius = eps * scale
-    step = (2.5 * eps / max(steps, 1) if step_size is None else step_size) * scale
+    step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    radius = _budget(z, eps, relative)
     u = _unit(torch.randn(z.shape, generator=generator, device=z.device))
     delta = u * radius * torch.rand(radius.shape, generator=generator, device=z.device)
+    return pgd_refine(loss_fn, z, delta, eps, steps, step_size, relative).to(z.dtype)
+
+
+def pgd_refine(loss_fn, z, delta, eps, steps, step_size, relative=True, grad=None):
+    """`steps` L2 PGD ascent steps on loss_fn(z + δ).sum() from the start δ given (pgd_step: step_size in
+    units of the budget's scale, radius eps). With `grad`, the first step goes along that gradient of the
+    loss at δ, already computed elsewhere (a perturber's own update computes it for free), so k steps cost
+    k − 1 forward and backward passes. Only δ receives gradients. Returns δ detached."""
     with torch.enable_grad():
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = loss_fn(z + delta.to(z.dtype)).sum()
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = delta.detach() + step * _unit(grad)
-            delta = delta * (radius / delta.norm(dim=-1, keepdim=True).clamp_min(_TINY)).clamp(max=1.0)
-    return delta.to(z.dtype)
+        for i in range(steps):
+            if grad is None or i:
+                d = delta.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(loss_fn(z + d.to(z.dtype)).sum(), d)
+            delta = pgd_step(delta.detach(), grad, z, eps, step_size, relative)
+    return delta

@@ -29,7 +29,7 @@ import ranks
 from buffer import HardBuffer, hardness, select_hard
 from eval import evaluate, summary
 from model import UMM, check_weights, clip_scorer, save_perturber
-from perturber import Perturber, random_like, regularizer
+from perturber import Perturber, jitter, pgd_attack, pgd_refine, random_like, regularizer
 
 # -----------------------------------------------------------------------------------------------
 # configuration
@@ -41,6 +41,7 @@ export_dtype = "float32"  # dtype of exported weights: float32 | float16 | bfloa
 log_interval = 10
 eval_interval = 100  # 0: evaluate only at the end
 eval_n = 256  # test samples per evaluation (understanding); a quarter of that for generation
+eval_adv_steps = 5  # the before / after table also reads accuracy under a fresh PGD attack of this many steps at eps_max; 0: not
 ckpt_interval = 100  # 0: no checkpoints (quick experiments, bench.py)
 seed = 1337
 # data
@@ -62,7 +63,12 @@ gen_uncond_p = 0.1  # share of text-to-image samples trained with the unconditio
 gen_bs = 0  # the text-to-image loss uses the first gen_bs samples of each batch (0: all of them)
 # the game (game=False: the SFT baseline, same data, steps and optimizer)
 game = True
-adversary = "learned"  # 'learned': the perturber plays | 'random': the control arm, unaimed directions at eps_max, same path and buffer
+adversary = "learned"  # 'learned': the perturber plays | 'pgd': PGD adversarial training, a pgd_steps attack on each batch |
+#   'random': the control arm, unaimed directions at eps_max; all three through the same encode-project-decode path and buffer
+refine_steps = 1  # adversary='learned': PGD steps refining the perturber's delta (a learned start); the first reuses the
+#   gradient of the perturber's own update, so costs one forward; 0: the published perturber alone
+refine_size = 1.25  # their step, in units of eps (1.25: FGSM from a start in the ball, Wong et al. 2020)
+pgd_steps = 3  # adversary='pgd': attack steps of 2.5 * eps_max / pgd_steps from a random start in the ball
 perturb_at = "vq"  # 'vq': codebook-space tokens, projected and decoded | 'aligner': tokens after the aligner
 mine = "decode"  # 'decode': this batch's decoded adversarial images | 'generate': images the model generates
 eps_relative = True  # budget relative to each token's norm (scale-free); False: absolute (published: LM space)
@@ -72,7 +78,7 @@ lr_G = 1e-2  # the perturber's AdamW learning rate (weight decay 0)
 w_l2, w_tv, w_eps = 1e-3, 1e-3, 1e-3  # R(delta): L2, total variation over the token grid, eps^2
 mine_stride = 1  # mine every this many steps
 cand_k = 2  # candidates per sample (decode: perturber draws with jitter; generate: generated images)
-cand_noise = 0.3  # direction jitter of the extra decode candidates
+cand_noise = 0.3  # direction jitter of the extra decode candidates around the adversary's delta
 q_hard = 0.75  # keep candidates with H >= this batch quantile
 hard_topk = 2  # at most this many candidates per source sample
 tau = 0.9  # consistency threshold on s
@@ -114,7 +120,7 @@ at_least = dict(max_iters=1, batch_size=1, hard_bs=0, lora_r=0, cand_k=1, hard_t
                 log_interval=1, ckpt_interval=0, max_bad_steps=1, eval_interval=0, ddp_check_interval=0, num_workers=0, threads=0)
 problems = [f"{k}={globals()[k]}: must be >= {least}" for k, least in at_least.items() if globals()[k] < least]
 choices = dict(perturb_at=("vq", "aligner"), mine=("decode", "generate"), buffer_rule=("consistent", "published"),
-               adversary=("learned", "random"), dataset=("shapes", "vqav2", "jsonl"), dtype=floats, load_dtype=floats, export_dtype=floats)
+               adversary=("learned", "random", "pgd"), dataset=("shapes", "vqav2", "jsonl"), dtype=floats, load_dtype=floats, export_dtype=floats)
 problems += [f"{k}={globals()[k]!r}: expected one of {', '.join(map(repr, v))}" for k, v in choices.items() if globals()[k] not in v]
 problems += [msg for bad, msg in [
     (not 0 <= q_hard <= 1, f"q_hard={q_hard}: a quantile, must lie in [0, 1]"),
@@ -137,6 +143,8 @@ problems += [msg for bad, msg in [
      f"init_from={init_from!r}: expected 'resume' or a Hugging Face model directory (it has no config.json)"),
     (ddp_timeout_s <= 0, f"ddp_timeout_s={ddp_timeout_s}: must be > 0"),
     (grad_clip <= 0, f"grad_clip={grad_clip}: must be > 0"),
+    (adversary == "pgd" and mine != "decode", "adversary='pgd' attacks the batch's own images: use mine='decode'"),
+    (refine_steps < 0 or pgd_steps < 1, f"refine_steps={refine_steps}, pgd_steps={pgd_steps}: need refine_steps >= 0, pgd_steps >= 1"),
     (debug_nan is None, f"debug_nan_at={debug_nan_at!r}: expected a comma list of iterations, e.g. '3,5'"),
 ] if bad]
 if problems:
@@ -239,12 +247,15 @@ def lr_at(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def draw_delta(z, noise_std=0.0):
-    """A perturbation of tokens z inside the budget: the perturber's (directions jittered by noise_std), or
-    in the control arm (adversary='random') a uniformly random direction at the full budget eps_max."""
+def draw_delta(z, questions=None, answers=None):
+    """A perturbation of tokens z inside the budget: the perturber's; for adversary='pgd' a fresh PGD attack on the
+    answers (pgd_steps, radius eps_max); in the control arm (adversary='random') a random direction at eps_max."""
     if adversary == "random":
         return random_like(z, eps_max, eps_relative)
-    return perturber(z, noise_std=noise_std)
+    if adversary == "pgd":
+        return pgd_attack(lambda t: umm.perturbed_loss(t, questions, answers, perturb_at), z, eps_max, pgd_steps, relative=eps_relative)
+    return perturber(z)
+
 
 
 def nonfinite(**values):
@@ -313,7 +324,8 @@ class Stopwatch:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
-before = summary(umm, eval_records, perturber if game else None, perturb_at) if master and not resume else None
+attack = dict(eps=eps_max, relative=eps_relative, steps=eval_adv_steps) if eval_adv_steps else None  # the table's fresh PGD
+before = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack) if master and not resume else None
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 watch = Stopwatch()
 t0 = time.time()
@@ -338,21 +350,23 @@ while iter_num < max_iters:
     poisoned = iter_num + 1 in debug_nan  # the debug_nan_at test hook: this step's losses are made NaN
 
     if game:
-        with ctx:
+        with ctx, torch.set_grad_enabled(adversary == "learned"):
             # 1. encode the images to the tokens the game is played on
             with torch.no_grad():
                 tokens = umm.visual_tokens(pixels, perturb_at)
             # 2. perturb them, inside the budget
-            delta = draw_delta(tokens)
+            delta = draw_delta(tokens, questions, answers)
             # 3. project onto the decoder's manifold (nearest codebook entries, straight-through) and decode
             emb_adv, px_adv, codes_adv = umm.perturbed_view(tokens + delta, perturb_at)
             # 4. the perturber's move: maximise the understanding loss on what it made, minus R(delta)
             ce_adv = umm.answer_loss(emb_adv, questions, answers)
             loss_G = -lam * ce_adv.mean() + regularizer(delta, perturber.eps, w_l2, w_tv, w_eps, (umm.grid, umm.grid))
             loss_G = loss_G * float("nan") if poisoned else loss_G
-        if adversary == "learned":  # the control arm's random directions have nothing to learn
-            # gradients for the perturber only: the LM takes no weight gradients in this pass
-            for p, g in zip(perturber.parameters(), torch.autograd.grad(loss_G, list(perturber.parameters()))):
+        logs.update(loss_G=loss_G.item(), adv_start=ce_adv.mean().item(), eps=perturber.eps.item() if adversary == "learned" else eps_max)
+        if adversary == "learned":  # PGD's and the control arm's deltas have nothing to learn
+            # gradients for the perturber only (the LM takes no weight gradients in this pass), and for delta, to aim it
+            *grads, grad_delta = torch.autograd.grad(loss_G, [*perturber.parameters(), delta])
+            for p, g in zip(perturber.parameters(), grads):
                 p.grad = g
             ranks.average_grads(perturber.parameters())
             grad_norm_G = torch.nn.utils.clip_grad_norm_(perturber.parameters(), grad_clip)
@@ -360,7 +374,18 @@ while iter_num < max_iters:
             if not bad_G:  # a NaN / inf loss or gradient: this update is skipped (counted below)
                 opt_G.step()
             opt_G.zero_grad(set_to_none=True)
-        logs.update(loss_G=loss_G.item(), adv=ce_adv.mean().item(), eps=perturber.eps.item())
+            if refine_steps and mine == "decode" and not bad_G:  # 4b. aim: PGD from the learned start, its first step
+                with ctx:  # on the gradient just taken (loss_G falls as the answer loss rises), within the perturber's eps
+                    eps = perturber.eps.item()
+                    delta = pgd_refine(lambda t: umm.perturbed_loss(t, questions, answers, perturb_at), tokens, delta, eps, refine_steps,
+                                       refine_size * eps, eps_relative, grad=-grad_delta)
+                    with torch.no_grad():
+                        emb_adv, px_adv, codes_adv = umm.perturbed_view(tokens + delta, perturb_at)
+                        ce_adv = umm.answer_loss(emb_adv, questions, answers)
+        delta, emb_adv, ce_adv = delta.detach(), emb_adv.detach(), ce_adv.detach()
+        logs.update(adv=ce_adv.mean().item())
+        if perturb_at == "vq":  # the share of tokens whose code the perturbation changed: does the projection keep it?
+            logs["changed"] = (codes_adv != umm.project_to_codebook(tokens)[1]).float().mean().item()
         watch.lap("perturber")
 
         # 5. mine: candidates, their consistency with the text, the hardest kept in the buffer
@@ -368,25 +393,25 @@ while iter_num < max_iters:
             with torch.no_grad(), ctx:
                 ref = umm.image_embeds(pixels).mean(1)  # s is measured against the real image of the same text
                 cands = []  # (understanding embeds, pixels, CE, what the buffer stores of each candidate)
-                if mine == "decode":  # this batch's adversarial images, plus jittered draws of the perturber
+                if mine == "decode":  # this batch's adversarial images, plus draws around them (direction jitter)
                     clean_u8 = umm.to_uint8(pixels) if perturb_at == "aligner" else None
                     for k in range(cand_k):
-                        t = tokens + (delta.detach() if k == 0 else draw_delta(tokens, cand_noise))
-                        e, px, codes = (emb_adv.detach(), px_adv, codes_adv) if k == 0 else umm.perturbed_view(t, perturb_at)
-                        ce = ce_adv.detach() if k == 0 else umm.answer_loss(e, questions, answers)
+                        t = tokens + (delta if k == 0 else jitter(delta, cand_noise))
+                        e, px, codes = (emb_adv, px_adv, codes_adv) if k == 0 else umm.perturbed_view(t, perturb_at)
+                        ce = ce_adv if k == 0 else umm.answer_loss(e, questions, answers)
                         store = {"codes": codes} if perturb_at == "vq" else {"image": clean_u8, "delta": (t - tokens).half()}
                         cands.append((e, px, ce, store))
                 else:  # 'generate': the generation branch draws images of the text, the perturber steering each token
                     prompts = [c or q for c, q in zip(captions, questions)]
                     for k in range(cand_k):
-                        hook = (lambda v: v + draw_delta(v)) if perturb_at == "vq" else None
+                        hook = (lambda v: v + draw_delta(v)) if perturb_at == "vq" else None  # steer each generated token
                         codes = umm.generate_images(prompts, gen_cfg, gen_temperature, token_hook=hook)
                         px = umm.decode_codes(codes).clamp(-1, 1)
                         e = umm.image_embeds(px)
                         if perturb_at == "vq":
                             store = {"codes": codes}
                         else:
-                            d = draw_delta(e, cand_noise)
+                            d = draw_delta(e)
                             e, store = e + d, {"image": umm.to_uint8(px), "delta": d.half()}
                         cands.append((e, px, umm.answer_loss(e, questions, answers), store))
                 ce = torch.cat([c[2] for c in cands]).float()
@@ -416,8 +441,10 @@ while iter_num < max_iters:
         ce = umm.answer_loss(emb, questions + [h["question"] for h in hard], answers + [h["answer"] for h in hard])
         loss = w_clean * ce[:B].mean() + (ce[B:].mean() if hard else 0.0)
         logs["und"] = ce[:B].mean().item()
-        if hard:
-            logs["hard"] = ce[B:].mean().item()
+        if game:  # is the game played? the adversary's images against the clean ones, on the same batch
+            logs["gap"] = logs["adv"] - logs["und"]
+        if hard:  # the hard samples trained on: how many, and how hard they still are
+            logs.update(hard=ce[B:].mean().item(), n_hard=len(hard))
         if w_gen:  # text-to-image on the first gen_bs samples, keeping generation trained
             n = min(gen_bs or B, B)
             with torch.no_grad():
@@ -454,7 +481,7 @@ while iter_num < max_iters:
     if master and (iter_num % log_interval == 0 or iter_num == max_iters):
         logs = {"iter": iter_num, "lr": lr_at(iter_num - 1), "loss": loss.item(), "grad_norm": grad_norm.item(), **logs,
                 "bad_steps": bad_steps, "skipped": len(skipped), "time": round(time.time() - t0, 1), **timing}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("und", "loss_G", "eps", "buffer", "gen")
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("und", "gap", "changed", "eps", "buffer", "hard", "gen")
                          or k in ("bad_steps", "skipped") and v})
         log(**logs)
     if master and ((eval_interval and iter_num % eval_interval == 0) or iter_num == max_iters):
@@ -481,7 +508,7 @@ if master:
         if game:
             save_perturber(perturber, export_dir, perturb_at=perturb_at)
         print(f"exported the model{' and the perturber' if game else ''} to {export_dir}")
-    after = summary(umm, eval_records, perturber if game else None, perturb_at)
+    after = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack)
     print(f"done: {iter_num} iterations in {time.time() - t0:.0f}s" + (f"; checkpoint in {ckpt_dir}" if ckpt_interval else ""))
     print(f"{'accuracy on ' + str(len(eval_records)) + ' eval samples':<34}{'before':>8}{'after':>8}")
     for k in after:
