@@ -6,6 +6,7 @@ consistency, robustness (ood split, and a fresh PGD attack at the game's interfa
     python eval.py --ckpt=out/unigame --data=vqav2 --vqav2_questions=... --vqav2_annotations=... --vqav2_images=...
     python eval.py --compare out/eval-sft out/eval-unigame              # side by side, deltas vs the first
     python eval.py --compare "out/eval-sft-s*" "out/eval-unigame-s*"    # each glob's runs averaged: mean ± std
+    python eval.py --compare "out/sft-s*" "out/pgd-s*" --plot=cost.png   # and robustness_adv against training CPU s/step
     python eval.py --buffer=out/unigame                                 # label-preservation rate of its hard buffer
 
 --ckpt is a Hugging Face directory (assets/shapes-base, an export), a training checkpoint (out/x/ckpt,
@@ -486,7 +487,52 @@ def label_preservation(run, device="cpu", batch_size=64, progress=True):
 
 # ---- comparing runs -------------------------------------------------------------------------------
 
-def compare(patterns):
+def train_cost(run_dir):
+    """{"train_s_per_step", "train_cpu_s_per_step"}: the median over a training run's logged steps (its
+    log.jsonl, train.py's phase times), or {} where there is none."""
+    path = os.path.join(run_dir, "log.jsonl")
+    steps = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    steps = [r for r in steps if "ms" in r]
+    if not steps:
+        return {}
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    return {"train_s_per_step": median([r["ms"]["step"] for r in steps]) / 1e3,
+            "train_cpu_s_per_step": median([r["cpu_ms"]["step"] for r in steps]) / 1e3}
+
+
+def plot_cost(groups, key, path):
+    """A PNG: one point per group of runs, `key` (mean ± sd over its runs) against training CPU seconds per step."""
+    from PIL import Image, ImageDraw
+    pts = []
+    for name, runs in groups:
+        ys, xs = [r[key] for r in runs if key in r], [r["train_cpu_s_per_step"] for r in runs if "train_cpu_s_per_step" in r]
+        if ys and xs:
+            m = sum(ys) / len(ys)
+            pts.append((os.path.basename(name).split("-s")[0], sum(xs) / len(xs), m, (sum((y - m) ** 2 for y in ys) / max(1, len(ys) - 1)) ** 0.5))
+    if not pts:
+        raise SystemExit(f"--plot: no run has both {key} and its training time (log.jsonl)")
+    W, H, L, B = 560, 380, 60, 50
+    x1, y0 = max(p[1] for p in pts) * 1.15, min(p[2] - p[3] for p in pts) - 0.02
+    y1 = max(p[2] + p[3] for p in pts) + 0.02
+    X = lambda x: L + (W - L - 20) * x / x1
+    Y = lambda y: H - B - (H - B - 20) * (y - y0) / (y1 - y0)
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.line([(L, 20), (L, H - B), (W - 20, H - B)], fill="black")
+    for i in range(5):  # axis ticks
+        xv, yv = x1 * i / 4, y0 + (y1 - y0) * i / 4
+        d.text((X(xv) - 10, H - B + 5), f"{xv:.1f}", fill="black")
+        d.text((5, Y(yv) - 5), f"{yv:.3f}", fill="black")
+    d.text((W // 2 - 80, H - 22), "training CPU seconds per step", fill="black")
+    d.text((L + 5, 4), f"{key} (mean ± sd over seeds)", fill="black")
+    for label, x, y, sd in pts:
+        d.line([(X(x), Y(y - sd)), (X(x), Y(y + sd))], fill="gray")
+        d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill="black")
+        d.text((X(x) + 7, Y(y) - 6), label, fill="black")
+    im.save(path)
+
+
+def compare(patterns, plot=""):
     """A table of the eval.json figures of several runs side by side, deltas against the first column.
     Each argument is a directory holding eval.json (or the file itself) or a glob of them; a glob's
     runs are averaged: mean ± sample standard deviation, over the runs that have the figure."""
@@ -499,7 +545,7 @@ def compare(patterns):
         runs = []
         for f in files:
             with open(f) as fh:
-                runs.append(json.load(fh))
+                runs.append({**json.load(fh), **train_cost(os.path.dirname(f))})
         groups.append((pattern, runs))
     keys = []  # every numeric figure, in the order it first appears
     for _, runs in groups:
@@ -550,13 +596,16 @@ def compare(patterns):
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     table = "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))).rstrip()
                       for r in rows)
+    if plot:  # --compare ... --plot=file.png: robustness against training cost, one point per group
+        plot_cost(groups, "robustness_adv", plot)
     return table + ("\n\npaired differences, mean [95 % bootstrap interval over samples]:\n" + "\n".join(paired) if paired else "")
 
 
 # -----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--compare"]:  # before the configurator, which would read the directories as config files
-        print(compare(sys.argv[2:]))
+        plot = [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--plot=")]
+        print(compare([a for a in sys.argv[2:] if not a.startswith("--plot=")], plot[0] if plot else ""))
         sys.exit(0)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     t_start = time.time()

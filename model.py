@@ -524,6 +524,13 @@ class UMM(nn.Module):
         """VQ codes -> LM-space input embeddings (generation_embeddings -> generation_aligner)."""
         return self.janus.prepare_embeddings_for_image_generation(codes)
 
+    def text_to_image_loss(self, captions, pixels, uncond_p=0.0):
+        """Per-sample text-to-image cross-entropy of the VQ codes of these images given their captions; each
+        sample gets the unconditional prompt with probability uncond_p (so that guidance has a branch to use)."""
+        with torch.no_grad():
+            codes = self.image_codes(pixels)
+        return self.image_loss(captions, codes, torch.rand(len(captions)) < uncond_p)
+
     def image_loss(self, captions, codes, uncond=None):
         """Per-sample text-to-image cross-entropy over the image codes (B,), teacher forced.
         uncond (bool (B,)) marks samples whose prompt is replaced by the unconditional one that

@@ -5,6 +5,9 @@ import json
 import math
 import os
 import re
+import runpy
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,22 +18,80 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DistributedSampler
+from transformers import (CLIPConfig, CLIPModel, JanusConfig, JanusForConditionalGeneration, JanusProcessor, JanusVisionConfig,
+                          JanusVQVAEConfig, LlamaConfig, LogitsProcessorList)
+from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
 import checkpoint
 import data
+import eval as ev  # as ev: `eval` would shadow the builtin
 from buffer import HardBuffer, hardness, select_hard
-from model import UMM, add_lora, build_tokenizer, merge_lora, tiny_config
-from perturber import Perturber, pgd_attack, random_like, regularizer, total_variation
+from model import (ASSISTANT, BOI, EOI, IMAGE, JANUS_SYSTEM_PROMPT, UMM, USER, add_lora, build_tokenizer, clip_scorer,
+                   load_perturber, merge_lora, save_perturber, tiny_config)
+from perturber import Perturber, jitter, pgd_attack, pgd_refine, random_like, regularizer, total_variation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ================================================================================================
-# data.py
-# -----------------------------------------------------------------------------
-# the shapes world
+# fixtures and helpers shared by the sections below: a tokenizer and a tiny model built here, the same
+# model saved to disk (for train.py), and the shapes base shipped in assets/
 
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def close(a, b, rtol=1e-5, atol=0.0):
+    return torch.allclose(torch.as_tensor(a).double(), torch.as_tensor(b).double(), rtol=rtol, atol=atol)
+
+
+def token_norms(x):
+    return x.double().norm(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def train64():
+    return data.shapes_world("train", 64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(train64):
+    texts = [s["question"] for s in train64] + [s["caption"] for s in train64] + [s["answers"][0] for s in train64]
+    return build_tokenizer(texts, 400)
+
+
+def tiny(tok, seed=0):
+    torch.manual_seed(seed)
+    return UMM.from_config(tiny_config(tok, lm_width=64, lm_layers=2, vision_width=64, vision_layers=1), tok).eval()
+
+
+@pytest.fixture(scope="module")
+def umm(tok):
+    return tiny(tok)
+
+
+@pytest.fixture(scope="module")
+def small_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("small") / "model"
+    tiny(tok, seed=4).save_pretrained(str(path))
+    return str(path)
+
+
+SHAPES_BASE = os.path.join(HERE, "assets", "shapes-base")
+
+
+@pytest.fixture(scope="module")
+def shapes_base():
+    return ev.load(SHAPES_BASE, "cpu")
+
+
+# ================================================================================================
+# data.py: the shapes world, its oracle, the real-data loaders, the loader
+
+# ---------------------------------------------------------------- the shapes world
 
 def reference_answer(question, attrs):
     """An independent reading of the templates; asserts the question names exactly one object."""
@@ -160,6 +221,8 @@ def test_shapes_are_never_clipped_nor_touching():
             assert not (m & masks[1]).any(), s["attrs"]
 
 
+# ---------------------------------------------------------------- the oracle
+
 @pytest.mark.parametrize("split", ["test", "ood"])
 def test_oracle_agrees_with_ground_truth(split):
     samples = world(split, 500)
@@ -208,9 +271,7 @@ def test_oracle_score():
         data.read_attrs(img.float() / 255)
 
 
-# -----------------------------------------------------------------------------
-# real data: files written into tmp_path
-
+# ---------------------------------------------------------------- real data: files written into tmp_path
 
 def write_image(path, color=(200, 30, 30), size=(8, 6)):
     Image.new("RGB", size, color).save(path)
@@ -367,9 +428,7 @@ def test_decode_modes_to_rgb(tmp_path):
     assert decode(tmp_path, Image.fromarray(rgb), "rgb.png") == [[1, 2, 3], [250, 128, 0]]
 
 
-# -----------------------------------------------------------------------------
-# the loader
-
+# ---------------------------------------------------------------- the loader
 
 def test_loader_with_workers_reports_each_skip_once(tmp_path):
     lines = [{"image": str(write_image(tmp_path / f"{i}.png", (i, i, i))), "question": f"q{i}?", "answers": ["a"]} for i in range(7)]
@@ -436,33 +495,15 @@ def test_make_dataset_rejects_unknown_names():
 
 
 # ================================================================================================
-# model.py
-
-@pytest.fixture(scope="module")
-def train64():
-    return data.shapes_world("train", 64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok(train64):
-    texts = [s["question"] for s in train64] + [s["caption"] for s in train64] + [s["answers"][0] for s in train64]
-    return build_tokenizer(texts, 400)
-
-
-def tiny(tok, seed=0):
-    torch.manual_seed(seed)
-    return UMM.from_config(tiny_config(tok, lm_width=64, lm_layers=2, vision_width=64, vision_layers=1), tok).eval()
-
-
-@pytest.fixture(scope="module")
-def umm(tok):
-    return tiny(tok)
-
+# model.py: the UMM adapter over Janus, projection onto the codebook, LoRA, preprocessing, generation, the CLIP
+# scorer, and parity with transformers' Janus-Pro
 
 def batch_of(samples, n=4):
     s = samples[:n]
     return [r["image"] for r in s], [r["question"] for r in s], [r["answers"][0] for r in s], [r["caption"] for r in s]
 
+
+# ---------------------------------------------------------------- the adapter
 
 def test_save_and_reload_gives_identical_outputs(umm, train64, tmp_path):
     images, qs, ans, caps = batch_of(train64)
@@ -475,7 +516,6 @@ def test_save_and_reload_gives_identical_outputs(umm, train64, tmp_path):
         assert torch.equal(codes, again.image_codes(px))
         assert torch.equal(umm.image_loss(caps, codes), again.image_loss(caps, codes))
     # and transformers alone can load it
-    from transformers import JanusForConditionalGeneration
     JanusForConditionalGeneration.from_pretrained(tmp_path / "m")
 
 
@@ -505,6 +545,21 @@ def test_answer_loss_is_masked_cross_entropy_and_padding_invariant(umm, train64)
         assert umm.answer(emb, qs) == sum((umm.answer(emb[i:i + 1], qs[i:i + 1]) for i in range(4)), [])
 
 
+def test_prompt_ids_equal_tokenizing_every_image_placeholder(umm, train64):
+    questions = [s["question"] for s in train64] + ["  odd <image_placeholder> spacing ", "", "ünï 🚀\nline"]
+    for system in ("", JANUS_SYSTEM_PROMPT):
+        for q in questions:
+            text = f"{system}{USER}: {BOI + IMAGE * umm.num_image_tokens + EOI}\n{q.strip()}\n\n{ASSISTANT}:"
+            want = umm.tokenizer(text).input_ids
+            old, umm.system_prompt = umm.system_prompt, system
+            try:
+                assert umm.prompt_ids(q) == want, q
+            finally:
+                umm.system_prompt = old
+
+
+# ---------------------------------------------------------------- projection onto the codebook
+
 def test_projection_lands_on_codebook_and_passes_gradient(umm, train64):
     px = umm.preprocess(batch_of(train64)[0])
     z = umm.vq_encode(px).detach().requires_grad_()
@@ -519,6 +574,8 @@ def test_projection_lands_on_codebook_and_passes_gradient(umm, train64):
     with torch.no_grad():
         torch.testing.assert_close(umm.vq_decode(zq), umm.janus.model.vqmodel.decode(codes), rtol=1e-4, atol=1e-4)
 
+
+# ---------------------------------------------------------------- LoRA
 
 def test_lora_merge_leaves_outputs_unchanged(tok, train64):
     m = tiny(tok, seed=1)
@@ -536,8 +593,51 @@ def test_lora_merge_leaves_outputs_unchanged(tok, train64):
     torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-5)
 
 
+# 16-bit frozen weights under float32 LoRA (load_dtype)
+def test_lora_on_a_bfloat16_base_trains_in_float32_and_merges():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16)).to(torch.bfloat16)
+    lora = add_lora(base, r=4, alpha=8, dropout=0.0, targets=("0",))
+    assert all(p.dtype == torch.float32 for p in lora)  # AdamW steps of 1e-6 would vanish in bfloat16
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = base(x)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert lora[1].grad is not None and lora[1].grad.abs().sum() > 0  # B gets a gradient at B = 0
+    with torch.no_grad():
+        lora[1].normal_()
+    expected = base(x).float()
+    merge_lora(base)
+    assert isinstance(base[0], nn.Linear) and base[0].weight.dtype == torch.bfloat16
+    assert torch.allclose(base(x).float(), expected, atol=0.1, rtol=0.02)
+
+
+def test_gradient_checkpointing_keeps_the_lora_gradients(tok, train64):
+    """The 7B configuration checkpoints the LM; LoRA on a frozen LM must still get the same gradients."""
+    m = tiny(tok, seed=6)
+    lora = add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.0)
+    for p in lora[1::2]:
+        torch.nn.init.normal_(p, std=0.05)
+    m.requires_grad_(False)
+    for p in lora:
+        p.requires_grad_(True)
+    images, qs, ans, _ = batch_of(train64)
+    px = m.preprocess(images)
+
+    def grads():
+        return torch.autograd.grad(m.answer_loss(m.image_embeds(px), qs, ans).mean(), lora)
+    m.train()
+    plain = grads()
+    m.janus.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert all(g.abs().sum() > 0 for g in plain)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- preprocessing
+
 def test_preprocessing_equals_transformers_processor(umm):
-    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
     proc = JanusImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": 32, "width": 32})
     g = torch.Generator().manual_seed(0)
     for h, w in [(32, 32), (20, 40), (50, 30), (64, 64), (17, 96), (300, 200)]:
@@ -549,6 +649,8 @@ def test_preprocessing_equals_transformers_processor(umm):
         # PIL's fixed-point bicubic and torch's float one round a rare pixel to the neighbouring level
         assert grey_levels.max() <= 1.0 + 1e-4 and grey_levels.mean() <= 0.01, (h, w)
 
+
+# ---------------------------------------------------------------- generation
 
 def test_generation_with_guidance_returns_valid_codes(umm):
     g = torch.Generator().manual_seed(0)
@@ -568,23 +670,255 @@ def test_generation_with_guidance_returns_valid_codes(umm):
                            umm.generate_images(["a red circle"], cfg_scale=5.0, temperature=0.0))
 
 
+def test_static_and_dynamic_kv_cache_generate_the_same_codes(tok):
+    m = tiny(tok, seed=5)
+    caps = ["a red circle on the left", "two shapes: a blue square and a green triangle", "a yellow triangle"]
+    for cfg, temp, hook in [(5.0, 1.0, None), (1.0, 0.0, None), (1.0, 1.0, lambda v: v + 0.3 * torch.randn_like(v))]:
+        codes = []
+        for static in (False, True):
+            torch.manual_seed(0)  # the hook's noise
+            codes.append(m.generate_images(caps, cfg, temp, generator=gen(1), token_hook=hook, static_cache=static))
+        assert torch.equal(codes[0], codes[1]), (cfg, temp)
+    # a second call reuses the kept static cache, reset
+    assert torch.equal(m.generate_images(caps, 5.0, 1.0, generator=gen(1), static_cache=True),
+                       m.generate_images(caps, 5.0, 1.0, generator=gen(1), static_cache=False))
+
+
+def test_generation_is_inference_even_in_train_mode_with_gradient_checkpointing(tok):
+    m = tiny(tok, seed=6)
+    caps = ["a red circle on the left", "a blue square"]
+    for p in add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.5):
+        torch.nn.init.normal_(p, std=0.1)  # a LoRA that matters, so its dropout would change the codes in train mode
+    want = m.generate_images(caps, 5.0, 0.0)  # eval mode
+    m.janus.gradient_checkpointing_enable()  # in train mode this would drop the KV cache
+    m.train()
+    m.janus.model.vqmodel.eval()
+    for static in (False, True):
+        assert torch.equal(m.generate_images(caps, 5.0, 0.0, static_cache=static), want)
+    assert m.training and m.janus.model.language_model.training and not m.janus.model.vqmodel.training  # modes restored
+
+
+# ---------------------------------------------------------------- the CLIP scorer
+
+def save_tiny_clip(tok, path):
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=40, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    clip = CLIPModel(cfg).eval()
+    clip.save_pretrained(path)
+    tok.save_pretrained(path)
+    return clip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip")
+    save_tiny_clip(tok, path)
+    return str(path)
+
+
+def test_clip_scorer_from_a_local_directory_matches_clip_forward(tok, tmp_path):
+    clip = save_tiny_clip(tok, tmp_path)
+    score = clip_scorer(str(tmp_path))
+    images = torch.rand(3, 3, 32, 32)
+    texts = ["a red circle on the left", "a blue square", "what color is the circle? red"]
+    s = score(images, texts)
+    assert s.shape == (3,) and (s.abs() <= 1 + 1e-6).all()
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    t = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = clip(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=(images - mean) / std)
+    torch.testing.assert_close(s, out.logits_per_image.diagonal() / clip.logit_scale.exp(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- Janus-Pro parity and export
+# Random-initialised models with Janus-Pro's layout at CPU widths, and a tokenizer with Janus-Pro's
+# special tokens, checked against what transformers' own Janus classes do with them.
+
+# The chat template that the converted Janus-Pro checkpoints ship (chat_template.jinja), as written by
+# transformers' models/janus/convert_janus_weights_to_hf.py.
+JANUS_CHAT_TEMPLATE = (
+    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}{%set i=0%}"
+    "{%for message in messages%}"
+    "{%if message['role']|lower=='user'%}<|User|>: "
+    "{%elif message['role']|lower=='assistant'%}<|Assistant|>:"
+    "{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' "
+    "and message['content'][0]['text']=='')%} {%endif%}"
+    "{%else%}{{message['role'].capitalize()}}: {%endif%}"
+    "{%for content in message['content']%}"
+    "{%if content['type']=='image'%}"
+    "{%if not loop.first%}{{'\n'}}{%endif%}<image_placeholder>{%if not loop.last%}{{'\n'}}{%endif%}"
+    "{%elif content['type']=='text'%}{%set text=content['text']%}"
+    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
+    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}{{' '+text}}{%else%}{{text}}{%endif%}"
+    "{%endif%}{%endfor%}"
+    "{%if not loop.last or add_generation_prompt%}"
+    "{%if message['role']|lower=='user'%}{{seps[0]}}{%else%}{{seps[1]}}{%endif%}{%endif%}"
+    "{%endfor%}"
+    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}")
+
+
+def janus_pro_layout(tok, image_size=384, seed=0):
+    """Janus-Pro's architecture, narrow: SigLIP on 16-pixel patches with a depth-2 aligner, LLaMA LM, a VQ
+    model that downsamples 16x (channel multipliers 1,1,2,2,4) onto a 16384 x 8 codebook, generation
+    head / embeddings / aligner; at 384 px that is Janus-Pro's 24 x 24 = 576 image tokens. Only the widths
+    and depths are cut (LM 64 x 2, SigLIP 32 x 1, VQ 32 channels)."""
+    W = 64
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=W, intermediate_size=2 * W, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+                               patch_size=16, projection_dim=W, num_image_tokens=(image_size // 16) ** 2)
+    vq = JanusVQVAEConfig(base_channels=32, latent_channels=32, num_res_blocks=1, projection_dim=W, image_token_embed_dim=W)
+    torch.manual_seed(seed)
+    cfg = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
+    return UMM.from_config(cfg, tok).eval()
+
+
+def janus_processor(tok, image_size=384, system_prompt=True, **image_kw):
+    """transformers' JanusProcessor as a converted Janus-Pro directory sets it up: the pillow image processor
+    with Janus-Pro's mean = std = 0.5, the chat template, and the default system prompt."""
+    images = JanusImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": image_size, "width": image_size},
+                                    **image_kw)
+    return JanusProcessor(images, tok, chat_template=JANUS_CHAT_TEMPLATE, use_default_system_prompt=system_prompt,
+                          num_image_tokens=(image_size // 16) ** 2)
+
+
+def chat(text, answer=None, image=True):
+    user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    turns = [{"role": "user", "content": user}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return turns
+
+
+@pytest.fixture(scope="module")
+def pro384(tok):
+    return janus_pro_layout(tok, 384)
+
+
+@pytest.fixture(scope="module")
+def pro128(tok):
+    return janus_pro_layout(tok, 128)  # 8 x 8 = 64 image tokens: generation at CPU speed
+
+
+@pytest.mark.parametrize("system_prompt", [True, False])
+def test_understanding_prompt_equals_janus_processor_and_chat_template(tok, pro384, system_prompt):
+    proc = janus_processor(tok, system_prompt=system_prompt)
+    umm = UMM(pro384.janus, tok, system_prompt=JANUS_SYSTEM_PROMPT if system_prompt else "")
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    for q, a in [("what color is the circle?", "red"), ("how many shapes are there?  ", "2"), ("Is it a dog?", "no")]:
+        prompt = proc.apply_chat_template(chat(q), add_generation_prompt=True)
+        ids = proc(text=prompt, images=[image]).input_ids[0].tolist()
+        assert umm.prompt_ids(q) == ids
+        assert ids.count(umm.image_id) == 576 and (JANUS_SYSTEM_PROMPT in tok.decode(ids)) == system_prompt
+        # a training sequence: the template's assistant turn, closed by EOS as Janus-Pro's SFT format does
+        full = proc(text=proc.apply_chat_template(chat(q, a)), images=[image]).input_ids[0].tolist()
+        assert umm.prompt_ids(q) + umm.answer_ids(a) == full + [umm.eos_id]
+
+
+def test_generation_prompt_equals_janus_processor_in_image_mode(tok, pro384):
+    proc = janus_processor(tok)  # the system prompt is for understanding only
+    for caption in ["a red circle on the left", "two blue squares "]:
+        prompt = proc.apply_chat_template(chat(caption, image=False), add_generation_prompt=True)
+        assert pro384.generation_prompt_ids(caption) == proc(text=prompt, generation_mode="image").input_ids[0].tolist()
+
+
+def test_from_pretrained_reads_a_transformers_5_processor_config(tok, pro128, tmp_path):
+    """transformers 5 saves the image processor inside processor_config.json, with no preprocessor_config.json."""
+    pro128.save_pretrained(tmp_path)
+    os.remove(tmp_path / "preprocessor_config.json")
+    os.remove(tmp_path / "processor_config.json")
+    janus_processor(tok, 128, min_size=20).save_pretrained(tmp_path)
+    assert "image_processor" in json.load(open(tmp_path / "processor_config.json"))
+    umm = UMM.from_pretrained(str(tmp_path))
+    assert (umm.system_prompt, umm.image_mean, umm.image_std, umm.min_size) == (JANUS_SYSTEM_PROMPT, 0.5, 0.5, 20)
+
+
+def test_preprocessing_at_janus_pro_384_equals_its_image_processor(tok, pro384):
+    proc = janus_processor(tok)
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(384, 384), (480, 640), (640, 427), (300, 200), (100, 1000), (24, 24)]:
+        im = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        ref = proc.image_processor(images=[im.permute(1, 2, 0).numpy()], return_tensors="pt")["pixel_values"]
+        mine = pro384.preprocess([im])
+        assert mine.shape == ref.shape == (1, 3, 384, 384)
+        grey_levels = (mine - ref).abs() * 255 / 2
+        # PIL's fixed-point bicubic and torch's float one round a rare pixel to the neighbouring level;
+        # the padding (mean colour) and its placement must agree exactly
+        assert grey_levels.max() <= 1.0 + 1e-4 and grey_levels.mean() <= 0.01, (h, w)
+
+
+class _NoGuidance:
+    """transformers' image generate always runs the conditional and the unconditional prompt together and,
+    at guidance_scale 1, never drops the second half (a shape error in 5.23). Keeping the conditional
+    half's logits is what no guidance means."""
+
+    def __call__(self, input_ids, scores):
+        return scores[: scores.shape[0] // 2]
+
+
+@pytest.mark.parametrize("cfg, temperature", [(5.0, 1.0), (5.0, 0.0), (3.0, 0.7), (1.0, 1.0), (1.0, 0.0)])
+def test_image_generation_equals_transformers_generate(tok, pro128, cfg, temperature):
+    proc = janus_processor(tok, 128)
+    captions = ["a red circle on the left", "a big blue square at the top right"]  # different lengths: left padding
+    inputs = proc(text=[proc.apply_chat_template(chat(c, image=False), add_generation_prompt=True) for c in captions],
+                  generation_mode="image", padding=True)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature else dict(do_sample=False)
+    extra = dict(logits_processor=LogitsProcessorList([_NoGuidance()])) if cfg == 1.0 else {}
+    torch.manual_seed(1)
+    ref = pro128.janus.generate(inputs.input_ids, attention_mask=inputs.attention_mask, generation_mode="image",
+                                guidance_scale=cfg, **sampling, **extra)
+    torch.manual_seed(1)  # both draw from the global generator, one multinomial per step over the guided logits
+    mine = pro128.generate_images(captions, cfg_scale=cfg, temperature=temperature)
+    assert mine.shape == ref.shape == (2, 64)
+    assert torch.equal(mine, ref), f"{(mine != ref).sum().item()} of {mine.numel()} codes differ"
+    assert len(set(mine.flatten().tolist())) > 4  # not a degenerate, constant image
+
+
+def test_export_round_trips_merged_model_and_perturber(tok, train64, tmp_path):
+    umm = janus_pro_layout(tok, 128, seed=5)
+    add_lora(umm.janus.model.language_model, r=4, alpha=8, dropout=0.05)
+    for n, p in umm.named_parameters():  # a LoRA that changes the outputs
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    umm.eval()
+    images, qs, ans, _ = batch_of(train64, 1)
+    px = umm.preprocess(images)
+    perturber = Perturber(umm.janus.config.text_config.hidden_size, eps_max=0.02, eps_init=0.01, relative=False)
+    with torch.no_grad():
+        perturber.theta_eps.fill_(0.7)  # a learned budget, away from eps_init
+    umm.save_pretrained(tmp_path)
+    save_perturber(perturber, tmp_path, perturb_at="aligner")
+
+    merged = JanusForConditionalGeneration.from_pretrained(tmp_path).eval()  # no UniGame code
+    assert not any("lora" in k for k in merged.state_dict())
+    ids = torch.tensor([umm.prompt_ids(qs[0]) + umm.answer_ids(ans[0])])
+    with torch.no_grad():
+        logits, _ = umm.answer_logits(umm.image_embeds(px), qs, ans)
+        torch.testing.assert_close(merged(input_ids=ids, pixel_values=px).logits, logits, rtol=1e-4, atol=1e-4)
+    # image generation too, with the begin-of-image id read from the saved generation config
+    prompt = torch.tensor([umm.generation_prompt_ids("a red circle")])
+    ref = merged.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", guidance_scale=5.0,
+                          do_sample=False)
+    assert torch.equal(umm.generate_images(["a red circle"], cfg_scale=5.0, temperature=0.0), ref)
+
+    again, meta = load_perturber(str(tmp_path))
+    assert meta == {"dim": 64, "hidden": 32, "eps_min": 0.0, "eps_max": 0.02, "eps_init": 0.01, "relative": False,
+                    "eps": pytest.approx(perturber.eps.item()), "perturb_at": "aligner"}
+    with torch.no_grad():
+        z = umm.visual_tokens(px, "aligner")
+        assert torch.equal(again(z), perturber(z)) and torch.equal(again.eps, perturber.eps)
+
+
 # ================================================================================================
-# perturber.py and buffer.py
+# perturber.py: the perturbation and its budget, the regulariser, random and PGD deltas
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def close(a, b, rtol=1e-5, atol=0.0):
-    return torch.allclose(torch.as_tensor(a).double(), torch.as_tensor(b).double(), rtol=rtol, atol=atol)
-
-
-def token_norms(x):
-    return x.double().norm(dim=-1)
-
-
-# ---------------------------------------------------------------- perturber: the budget
-
+# ---------------------------------------------------------------- the budget
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
 def test_delta_norm_is_eps_times_token_norm_at_any_scale(scale):
@@ -665,7 +999,6 @@ def test_perturber_is_under_one_percent_of_a_tiny_janus():
 
 # ---------------------------------------------------------------- regulariser
 
-
 def test_regularizer_terms_are_positive_and_grow_with_delta():
     torch.manual_seed(0)
     delta = 0.01 * torch.randn(2, 16, 8)
@@ -703,8 +1036,7 @@ def test_tv_on_a_grid_uses_horizontal_and_vertical_neighbours():
     assert math.isclose(total_variation(delta).item(), 5 / 3, rel_tol=1e-6)
 
 
-# ---------------------------------------------------------------- random baseline and PGD
-
+# ---------------------------------------------------------------- random baseline, PGD, the free PGD step and jitter
 
 @pytest.mark.parametrize("relative", [True, False])
 def test_random_like_has_exactly_the_budget(relative):
@@ -740,8 +1072,36 @@ def test_pgd_stays_in_budget_and_beats_a_random_delta(relative):
     assert attacked > max(clean, randomised) + 1e-3
 
 
-# ---------------------------------------------------------------- hardness and selection
+def test_pgd_refine_reuses_a_given_gradient_for_its_first_step_and_stays_in_budget():
+    torch.manual_seed(0)
+    z, w, target = 3 * torch.randn(8, 12, 16), torch.randn(16, 5), torch.randint(0, 5, (8, 12))
 
+    def loss_fn(x):
+        return F.cross_entropy((x @ w).flatten(0, 1), target.flatten(), reduction="none").view(8, 12).mean(-1)
+
+    start = random_like(z, 0.05, generator=gen(1))
+    d = start.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_fn(z + d).sum(), d)
+    computed, given = pgd_refine(loss_fn, z, start, 0.05, 3, 0.06), pgd_refine(loss_fn, z, start, 0.05, 3, 0.06, grad=g)
+    assert torch.allclose(computed, given, atol=1e-6)  # the gradient given is the one it would have computed
+    assert (token_norms(given) <= 0.05 * token_norms(z) * (1 + 1e-5)).all()
+    assert loss_fn(z + given).sum() > loss_fn(z + start).sum() + 1e-3
+    downhill = pgd_refine(loss_fn, z, start, 0.05, 1, 0.06, grad=-g)  # the first step follows the gradient it is given
+    assert loss_fn(z + downhill).sum() < loss_fn(z + start).sum()
+
+
+def test_jitter_keeps_each_tokens_length_and_tilts_its_direction_a_little():
+    delta = random_like(torch.randn(4, 10, 16, generator=gen(0)), 0.3, generator=gen(1)) * torch.rand(4, 10, 1, generator=gen(2))
+    a, b = jitter(delta, 0.3, gen(3)), jitter(delta, 0.3, gen(4))
+    assert close(token_norms(a), token_norms(delta)) and not torch.equal(a, b)
+    cos = F.cosine_similarity(a, delta, dim=-1)
+    assert (cos > 0.8).all() and (cos < 1 - 1e-4).all()
+
+
+# ================================================================================================
+# buffer.py: hardness, the selection of hard samples, the hard buffer
+
+# ---------------------------------------------------------------- hardness and selection
 
 def test_hardness_adds_a_penalty_only_below_tau():
     ce = torch.tensor([1.0, 1.0, 2.0])
@@ -770,7 +1130,6 @@ def test_select_hard_rejects_an_unknown_rule_by_name():
 
 
 # ---------------------------------------------------------------- the buffer
-
 
 def test_buffer_keeps_the_hardest_items_sorted_at_capacity():
     buf = HardBuffer(capacity=5)
@@ -833,7 +1192,7 @@ def test_state_dict_round_trips_exactly(tmp_path):
 
 
 # ================================================================================================
-# configurator.py and train.py ---------------------------------------------------------------
+# configuration: configurator.py, the shipped config files, and what train.py refuses at start-up
 
 def run_train(*args, timeout=300):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
@@ -847,6 +1206,8 @@ def configure(argv, defaults="batch_size = 32\nlr = 1e-3\nout_dir = 'out'\ngame 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
     return r.returncode, (r.stdout + r.stderr).strip()
 
+
+# ---------------------------------------------------------------- configurator.py
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch_sise=8"], "unknown key 'batch_sise'; did you mean 'batch_size'"),
@@ -874,6 +1235,100 @@ def test_train_rejects_an_unknown_key_at_start_up():
     r = run_train("--max_iter=5")
     assert r.returncode != 0 and "unknown key 'max_iter'; did you mean 'max_iters'" in r.stderr
 
+
+JANUS_PRO_CONFIGS = ["config/unigame_janus_pro_1b.py", "config/unigame_janus_pro_7b.py"]
+
+
+@pytest.mark.parametrize("path", JANUS_PRO_CONFIGS)
+def test_janus_pro_configs_load_through_the_configurator_with_the_published_values(path, monkeypatch):
+    """train.py's own configuration block, then configurator.py on the file, as train.py runs them: every
+    key must be known and of the right type. Then the values the paper publishes."""
+    src = open(os.path.join(HERE, "train.py")).read()
+    block = src[src.index("# configuration\n"):src.index("exec(open(")]  # train.py's globals and their defaults
+    monkeypatch.setattr(sys, "argv", ["train.py", os.path.join(HERE, path)])
+    c = {"torch": torch, "os": os}
+    exec(block + open(os.path.join(HERE, "configurator.py")).read(), c)
+    scope = {}
+    exec(open(os.path.join(HERE, path)).read(), {}, scope)
+    assert scope and all(c[k] == v and type(c[k]) is type(v) for k, v in scope.items())
+    assert c["dataset"] == "vqav2" and all(c[k] for k in ("init_from", "vqav2_questions", "vqav2_annotations", "vqav2_images"))
+    assert (c["lora_r"], c["lora_alpha"], c["lora_dropout"], c["train_modules"]) == (16, 32, 0.05, "")
+    assert (c["perturb_at"], c["eps_relative"], c["eps_max"], c["eps_init"]) == ("aligner", False, 0.02, 0.01)
+    assert 80 <= c["lam"] <= 120 and c["lr_G"] == 1e-2 and 3e-6 <= c["lr"] <= 5e-6 and c["weight_decay"] == 0.01
+    assert c["w_clean"] == 1.0 and c["grad_clip"] == 1.0 and 1 <= c["batch_size"] <= 8 and 6 <= c["hard_bs"] <= 8
+    assert 0.7 <= c["q_hard"] <= 0.8 and c["buffer_capacity"] == 4096 and 1.5 <= c["buffer_temperature"] <= 2.0
+    assert c["gradient_checkpointing"] == ("7b" in path)
+
+
+# ---------------------------------------------------------------- train.py's start-up checks
+# train_cmd and run_cmd run train.py for real with tiny settings; the checkpoint, fault and DDP sections use them too.
+
+# 16 samples, 4 a batch: an epoch is 4 steps. q_hard=0, tau=-1 keep every candidate, hard_bs=1 pops one
+# a step, so the hard buffer fills up and its contents are worth comparing.
+TINY = ["--batch_size=4", "--hard_bs=1", "--train_n=16", "--eval_n=4", "--eval_interval=0", "--log_interval=1",
+        "--lora_r=4", "--threads=1", "--tau=-1.0", "--q_hard=0.0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(model_dir, out_dir, *args, nproc=0):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return [*launcher, os.path.join(HERE, "train.py"), f"--init_from={model_dir}", f"--out_dir={out_dir}", *TINY, *args]
+
+
+def run_cmd(cmd, timeout=300):
+    """(return code, stdout + stderr) of a command run in the repository. On a timeout the whole process
+    group goes, so that no DDP rank outlives its launcher."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=ENV,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out = p.communicate()[0]
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out[-3000:]}")
+    return p.returncode, out.replace("\r", "\n")
+
+
+def last_line(out):
+    return out.strip().splitlines()[-1]
+
+
+def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_path):
+    code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--max_iters=0",
+                         "--hard_bs=-1", "--q_hard=1.5", "--eps_min=0.2", "--eps_max=0.1", "--lora_r=0", "--mine=draw",
+                         "--export_dtype=float8", "--train_n=8", "--batch_size=16", "--debug_nan_at=x", "--max_bad_steps=0",
+                         "--train_modules=vision,ears", f"--init_from={tmp_path / 'nothing'}"])
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    for message in ["max_iters=0: must be >= 1", "hard_bs=-1: must be >= 0", "q_hard=1.5: a quantile, must lie in [0, 1]",
+                    "eps_min=0.2, eps_init=0.15, eps_max=0.1: need 0 <= eps_min < eps_init < eps_max",
+                    "mine='draw': expected one of 'decode', 'generate'",
+                    "export_dtype='float8': expected one of 'float32', 'float16', 'bfloat16'",
+                    "train_n=8: fewer samples than one global batch, batch_size*world_size=16*1",
+                    "train_modules='vision,ears': unknown part(s) ['ears']",
+                    "debug_nan_at='x': expected a comma list of iterations", "max_bad_steps=0: must be >= 1",
+                    f"init_from='{tmp_path / 'nothing'}': expected 'resume' or a Hugging Face model directory"]:
+        assert f"config error: {message}" in out, (message, out[-3000:])
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+    code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--lora_r=0"])
+    assert code != 0 and last_line(out) == "config error: nothing trains: lora_r=0 and train_modules='': set train_modules and/or lora_r"
+    code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--init_from=scratch"])
+    assert code != 0 and "built by assets/build_base.py" in last_line(out)
+
+
+def test_mine_generate_without_a_generation_head_fails_before_the_weights_load(small_dir, tmp_path):
+    model = tmp_path / "no_generation_head"
+    shutil.copytree(small_dir, model)
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".generation_head." not in k}, model / "model.safetensors", metadata={"format": "pt"})
+    code, out = run_cmd(train_cmd(model, tmp_path / "out", "--mine=generate", "--max_iters=1"))
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    assert last_line(out) == f"config error: mine='generate' needs a generation head, but {model} has no generation_head weights"
+
+
+# ================================================================================================
+# the game: single steps, then train.py end to end on a very small saved model (small_dir)
+
+# ---------------------------------------------------------------- single steps
 
 def sgd_step(params, loss, lr):
     grads = torch.autograd.grad(loss, params)
@@ -938,14 +1393,26 @@ def test_one_understanding_step_lowers_the_loss_on_hard_samples(tok, train64):
         assert hard_loss() < before.detach() - 1e-3
 
 
-# ---- train.py end to end, on a very small saved model ----------------------------------------
+def test_one_free_pgd_step_from_the_perturbers_delta_raises_the_answer_loss_on_the_base(shapes_base):
+    recs = world("test", 16)
+    px = shapes_base.preprocess([r["image"] for r in recs])
+    qs, ans = [r["question"] for r in recs], [r["answers"][0] for r in recs]
+    torch.manual_seed(0)
+    p = Perturber(shapes_base.token_dim("vq"), eps_max=0.3, eps_init=0.15)
 
-@pytest.fixture(scope="module")
-def small_dir(tok, tmp_path_factory):
-    path = tmp_path_factory.mktemp("small") / "model"
-    tiny(tok, seed=4).save_pretrained(str(path))
-    return str(path)
+    def ce(t):
+        return shapes_base.answer_loss(shapes_base.perturbed_view(t, "vq")[0], qs, ans)
+    with torch.no_grad():
+        z = shapes_base.visual_tokens(px, "vq")
+    delta = p(z)
+    (g,) = torch.autograd.grad(ce(z + delta).sum(), delta)
+    refined = pgd_refine(ce, z, delta.detach(), 0.15, 1, 1.25 * 0.15, grad=g)
+    with torch.no_grad():
+        before, after = ce(z + delta).mean().item(), ce(z + refined).mean().item()
+    assert after > 2 * before and after > before + 0.02, (before, after)
 
+
+# ---------------------------------------------------------------- game steps through train.py
 
 def quick_train(small_dir, out_dir, *args, nproc=0):
     argv = [f"--init_from={small_dir}", f"--out_dir={out_dir}", "--batch_size=4", "--hard_bs=2", "--train_n=64",
@@ -972,357 +1439,40 @@ def test_every_interface_and_mining_mode_runs_a_game_step(small_dir, clip_dir, t
     assert "under_perturber" in out
 
 
+# ---------------------------------------------------------------- the control arm, PGD-AT, and the game in the log
+# adversary=random is the control arm, adversary=pgd PGD adversarial training (no perturber to learn).
+
 def test_the_random_control_arm_fills_the_buffer_but_never_trains_the_perturber(small_dir, tmp_path):
     quick_train(small_dir, tmp_path, "--max_iters=2", "--adversary=random", "--tau=-1.0", "--q_hard=0.0")
     steps = [r for r in read_log(tmp_path) if "adv" in r]
     assert [r["iter"] for r in steps] == [1, 2] and steps[0]["buffer"] > 0 and "hard" in steps[1]
-    from safetensors.torch import load_file
     ckpt = tmp_path / "ckpt"
     state, moments = load_file(ckpt / "state.safetensors"), load_file(ckpt / "optim.safetensors")
     assert abs(torch.sigmoid(state["perturber.theta_eps"]).item() - 0.5) < 1e-6  # eps still eps_init, mid-range
     assert not any(k.startswith("perturber.") for k in moments)  # its optimizer never stepped
 
 
-def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
-    quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0")
-    meta = json.load(open(tmp_path / "ckpt" / "ckpt.json"))
-    assert meta["iter_num"] == 2 and meta["config"]["lora_r"] == 4
-    from transformers import JanusForConditionalGeneration
-    JanusForConditionalGeneration.from_pretrained(tmp_path / "ckpt" / "model")  # the merged export loads alone
-    quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=4", "--tau=-1.0")
-    iters = [r["iter"] for r in read_log(tmp_path) if "loss" in r]
-    assert iters == [1, 2, 3, 4]  # continued from step 2, not from scratch
-    assert json.load(open(tmp_path / "ckpt" / "ckpt.json"))["iter_num"] == 4
+@pytest.mark.parametrize("adversary", ["learned", "pgd"])
+def test_the_log_tells_whether_the_game_is_played(small_dir, tmp_path, adversary):
+    quick_train(small_dir, tmp_path, "--max_iters=2", f"--adversary={adversary}", "--pgd_steps=2", "--tau=-1.0", "--q_hard=0.0",
+                "--eval_adv_steps=1")
+    steps = [r for r in read_log(tmp_path) if "adv" in r]
+    assert [r["iter"] for r in steps] == [1, 2]
+    for r in steps:
+        assert 0 <= r["changed"] <= 1 and r["gap"] == pytest.approx(r["adv"] - r["und"]) and r["buffer"] >= 0
+        assert set(r["ms"]) == {"perturber", "mine", "understand", "step"}
+    assert "hard" in steps[1]
+    after = read_log(tmp_path)[-1]["summary"]["after"]
+    assert "under_pgd_1_steps" in after and ("under_perturber" in after) == (adversary == "learned")
+    moments = load_file(tmp_path / "ckpt" / "optim.safetensors")
+    assert any(k.startswith("perturber.") for k in moments) == (adversary == "learned")  # PGD has nothing to learn
 
 
-def build_base(*args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(HERE, "assets", "build_base.py"), "--threads=1", *args],
-                          capture_output=True, text=True, cwd=HERE, timeout=timeout)
-
-
-def test_scratch_base_recipe_pretrains_siglip_on_labels_then_learns_understanding_and_generation(tmp_path):
-    """assets/build_base.py's phases in miniature: VQ + SigLIP labels first, then understanding (with
-    captions) + text-to-image while the labels go on, then without them; the depths chosen reach the export;
-    the label head is checkpointed for resume but never exported; a resumed build goes on where it stood."""
-    args = [f"--out_dir={tmp_path}", f"--export_dir={tmp_path / 'export'}", "--train_n=64", "--batch_size=8", "--vq_iters=2",
-            "--vision_labels_iters=3", "--lm_layers=2", "--eval_interval=0", "--eval_n=8", "--log_interval=1", "--ckpt_interval=4"]
-    r = build_base(*args, "--max_iters=4")
-    assert r.returncode == 0, r.stderr[-3000:]
-    steps = [x for x in read_log(tmp_path) if "loss" in x]
-    assert [sorted(k for k in x if k in ("rec", "vis_color", "vis_shape", "und", "gen")) for x in steps] == \
-        [["rec", "vis_color", "vis_shape"]] * 2 + [["gen", "und", "vis_color", "vis_shape"], ["gen", "und"]]
-    cfg = json.load(open(tmp_path / "export" / "config.json"))
-    assert (cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["num_hidden_layers"]) == (2, 4)  # flag, default
-    assert all(0 < x["vis_shape"] < 5 and 0 < x["vis_color"] < 5 for x in steps[:2])
-    assert {k for k in load_file(tmp_path / "ckpt" / "state.safetensors") if k.startswith("vision_head.")} == {"vision_head.weight", "vision_head.bias"}
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
-        assert not any(k.startswith("vision_head.") for k in f.keys())  # (Janus has its own generation_head.vision_head)
-    from transformers import JanusForConditionalGeneration
-    JanusForConditionalGeneration.from_pretrained(tmp_path / "export")
-    r = build_base(*args, "--max_iters=6", "--resume=True")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [x["iter"] for x in read_log(tmp_path) if "loss" in x] == [1, 2, 3, 4, 5, 6]
-
-
-def test_init_scales_of_a_scratch_model(tmp_path):
-    """assets/build_base.py starts the aligner's last layer 10x smaller and SigLIP's position embeddings 10x
-    larger than a plain from_config model of the same seed, and nothing else: one step at lr 0 exports them."""
-    r = build_base(f"--out_dir={tmp_path}", f"--export_dir={tmp_path / 'export'}", "--export_dtype=float32", "--train_n=64",
-                   "--batch_size=8", "--max_iters=1", "--vq_iters=1", "--lr=0", "--eval_n=8")
-    assert r.returncode == 0, r.stderr[-3000:]
-    scaled = UMM.from_pretrained(str(tmp_path / "export"))
-    torch.manual_seed(1337)  # the recipe's seed: the tokenizer draws nothing, so the model's weights come first
-    plain = UMM.from_config(tiny_config(scaled.tokenizer, lm_layers=4, vision_layers=4), scaled.tokenizer)
-    pos = lambda u: u.janus.model.vision_model.embeddings.position_embedding.weight
-    last = lambda u: u.janus.model.aligner.hidden_layers[-1].weight
-    assert torch.allclose(pos(scaled), 10 * pos(plain)) and torch.allclose(last(scaled), 0.1 * last(plain))
-    assert torch.equal(scaled.janus.model.vision_model.embeddings.patch_embedding.weight,
-                       plain.janus.model.vision_model.embeddings.patch_embedding.weight)
-
-
-def test_two_process_ddp_keeps_lora_and_perturber_identical_on_both_ranks(small_dir, tmp_path):
-    out = quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0", "--ddp_check_interval=1", nproc=2)
-    assert "iter 2: parameters identical on all 2 ranks" in out
-
-
-def save_tiny_clip(tok, path):
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=40, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=8), projection_dim=16)
-    clip = CLIPModel(cfg).eval()
-    clip.save_pretrained(path)
-    tok.save_pretrained(path)
-    return clip
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tok, tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip")
-    save_tiny_clip(tok, path)
-    return str(path)
-
-
-def test_clip_scorer_from_a_local_directory_matches_clip_forward(tok, tmp_path):
-    from model import clip_scorer
-    clip = save_tiny_clip(tok, tmp_path)
-    score = clip_scorer(str(tmp_path))
-    images = torch.rand(3, 3, 32, 32)
-    texts = ["a red circle on the left", "a blue square", "what color is the circle? red"]
-    s = score(images, texts)
-    assert s.shape == (3,) and (s.abs() <= 1 + 1e-6).all()
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    t = tok(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = clip(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=(images - mean) / std)
-    torch.testing.assert_close(s, out.logits_per_image.diagonal() / clip.logit_scale.exp(), rtol=1e-4, atol=1e-5)
-
-
-# ---- Janus-Pro parity and export (issue 8) ------------------------------------------------------
-# Random-initialised models with Janus-Pro's layout at CPU widths, and a tokenizer with Janus-Pro's
-# special tokens, checked against what transformers' own Janus classes do with them.
-
-# The chat template that the converted Janus-Pro checkpoints ship (chat_template.jinja), as written by
-# transformers' models/janus/convert_janus_weights_to_hf.py.
-JANUS_CHAT_TEMPLATE = (
-    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}{%set i=0%}"
-    "{%for message in messages%}"
-    "{%if message['role']|lower=='user'%}<|User|>: "
-    "{%elif message['role']|lower=='assistant'%}<|Assistant|>:"
-    "{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' "
-    "and message['content'][0]['text']=='')%} {%endif%}"
-    "{%else%}{{message['role'].capitalize()}}: {%endif%}"
-    "{%for content in message['content']%}"
-    "{%if content['type']=='image'%}"
-    "{%if not loop.first%}{{'\n'}}{%endif%}<image_placeholder>{%if not loop.last%}{{'\n'}}{%endif%}"
-    "{%elif content['type']=='text'%}{%set text=content['text']%}"
-    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
-    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}{{' '+text}}{%else%}{{text}}{%endif%}"
-    "{%endif%}{%endfor%}"
-    "{%if not loop.last or add_generation_prompt%}"
-    "{%if message['role']|lower=='user'%}{{seps[0]}}{%else%}{{seps[1]}}{%endif%}{%endif%}"
-    "{%endfor%}"
-    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}")
-
-
-def janus_pro_layout(tok, image_size=384, seed=0):
-    """Janus-Pro's architecture, narrow: SigLIP on 16-pixel patches with a depth-2 aligner, LLaMA LM, a VQ
-    model that downsamples 16x (channel multipliers 1,1,2,2,4) onto a 16384 x 8 codebook, generation
-    head / embeddings / aligner; at 384 px that is Janus-Pro's 24 x 24 = 576 image tokens. Only the widths
-    and depths are cut (LM 64 x 2, SigLIP 32 x 1, VQ 32 channels)."""
-    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
-    W = 64
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=W, intermediate_size=2 * W, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
-                               patch_size=16, projection_dim=W, num_image_tokens=(image_size // 16) ** 2)
-    vq = JanusVQVAEConfig(base_channels=32, latent_channels=32, num_res_blocks=1, projection_dim=W, image_token_embed_dim=W)
-    torch.manual_seed(seed)
-    cfg = JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
-    return UMM.from_config(cfg, tok).eval()
-
-
-def janus_processor(tok, image_size=384, system_prompt=True, **image_kw):
-    """transformers' JanusProcessor as a converted Janus-Pro directory sets it up: the pillow image processor
-    with Janus-Pro's mean = std = 0.5, the chat template, and the default system prompt."""
-    from transformers import JanusProcessor
-    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
-    images = JanusImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": image_size, "width": image_size},
-                                    **image_kw)
-    return JanusProcessor(images, tok, chat_template=JANUS_CHAT_TEMPLATE, use_default_system_prompt=system_prompt,
-                          num_image_tokens=(image_size // 16) ** 2)
-
-
-def chat(text, answer=None, image=True):
-    user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-    turns = [{"role": "user", "content": user}]
-    if answer is not None:
-        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return turns
-
-
-@pytest.fixture(scope="module")
-def pro384(tok):
-    return janus_pro_layout(tok, 384)
-
-
-@pytest.fixture(scope="module")
-def pro128(tok):
-    return janus_pro_layout(tok, 128)  # 8 x 8 = 64 image tokens: generation at CPU speed
-
-
-@pytest.mark.parametrize("system_prompt", [True, False])
-def test_understanding_prompt_equals_janus_processor_and_chat_template(tok, pro384, system_prompt):
-    from model import JANUS_SYSTEM_PROMPT
-    proc = janus_processor(tok, system_prompt=system_prompt)
-    umm = UMM(pro384.janus, tok, system_prompt=JANUS_SYSTEM_PROMPT if system_prompt else "")
-    image = np.zeros((48, 64, 3), dtype=np.uint8)
-    for q, a in [("what color is the circle?", "red"), ("how many shapes are there?  ", "2"), ("Is it a dog?", "no")]:
-        prompt = proc.apply_chat_template(chat(q), add_generation_prompt=True)
-        ids = proc(text=prompt, images=[image]).input_ids[0].tolist()
-        assert umm.prompt_ids(q) == ids
-        assert ids.count(umm.image_id) == 576 and (JANUS_SYSTEM_PROMPT in tok.decode(ids)) == system_prompt
-        # a training sequence: the template's assistant turn, closed by EOS as Janus-Pro's SFT format does
-        full = proc(text=proc.apply_chat_template(chat(q, a)), images=[image]).input_ids[0].tolist()
-        assert umm.prompt_ids(q) + umm.answer_ids(a) == full + [umm.eos_id]
-
-
-def test_generation_prompt_equals_janus_processor_in_image_mode(tok, pro384):
-    proc = janus_processor(tok)  # the system prompt is for understanding only
-    for caption in ["a red circle on the left", "two blue squares "]:
-        prompt = proc.apply_chat_template(chat(caption, image=False), add_generation_prompt=True)
-        assert pro384.generation_prompt_ids(caption) == proc(text=prompt, generation_mode="image").input_ids[0].tolist()
-
-
-def test_from_pretrained_reads_a_transformers_5_processor_config(tok, pro128, tmp_path):
-    """transformers 5 saves the image processor inside processor_config.json, with no preprocessor_config.json."""
-    from model import JANUS_SYSTEM_PROMPT
-    pro128.save_pretrained(tmp_path)
-    os.remove(tmp_path / "preprocessor_config.json")
-    os.remove(tmp_path / "processor_config.json")
-    janus_processor(tok, 128, min_size=20).save_pretrained(tmp_path)
-    assert "image_processor" in json.load(open(tmp_path / "processor_config.json"))
-    umm = UMM.from_pretrained(str(tmp_path))
-    assert (umm.system_prompt, umm.image_mean, umm.image_std, umm.min_size) == (JANUS_SYSTEM_PROMPT, 0.5, 0.5, 20)
-
-
-def test_preprocessing_at_janus_pro_384_equals_its_image_processor(tok, pro384):
-    proc = janus_processor(tok)
-    g = torch.Generator().manual_seed(0)
-    for h, w in [(384, 384), (480, 640), (640, 427), (300, 200), (100, 1000), (24, 24)]:
-        im = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-        ref = proc.image_processor(images=[im.permute(1, 2, 0).numpy()], return_tensors="pt")["pixel_values"]
-        mine = pro384.preprocess([im])
-        assert mine.shape == ref.shape == (1, 3, 384, 384)
-        grey_levels = (mine - ref).abs() * 255 / 2
-        # PIL's fixed-point bicubic and torch's float one round a rare pixel to the neighbouring level;
-        # the padding (mean colour) and its placement must agree exactly
-        assert grey_levels.max() <= 1.0 + 1e-4 and grey_levels.mean() <= 0.01, (h, w)
-
-
-class _NoGuidance:
-    """transformers' image generate always runs the conditional and the unconditional prompt together and,
-    at guidance_scale 1, never drops the second half (a shape error in 5.23). Keeping the conditional
-    half's logits is what no guidance means."""
-
-    def __call__(self, input_ids, scores):
-        return scores[: scores.shape[0] // 2]
-
-
-@pytest.mark.parametrize("cfg, temperature", [(5.0, 1.0), (5.0, 0.0), (3.0, 0.7), (1.0, 1.0), (1.0, 0.0)])
-def test_image_generation_equals_transformers_generate(tok, pro128, cfg, temperature):
-    from transformers import LogitsProcessorList
-    proc = janus_processor(tok, 128)
-    captions = ["a red circle on the left", "a big blue square at the top right"]  # different lengths: left padding
-    inputs = proc(text=[proc.apply_chat_template(chat(c, image=False), add_generation_prompt=True) for c in captions],
-                  generation_mode="image", padding=True)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature else dict(do_sample=False)
-    extra = dict(logits_processor=LogitsProcessorList([_NoGuidance()])) if cfg == 1.0 else {}
-    torch.manual_seed(1)
-    ref = pro128.janus.generate(inputs.input_ids, attention_mask=inputs.attention_mask, generation_mode="image",
-                                guidance_scale=cfg, **sampling, **extra)
-    torch.manual_seed(1)  # both draw from the global generator, one multinomial per step over the guided logits
-    mine = pro128.generate_images(captions, cfg_scale=cfg, temperature=temperature)
-    assert mine.shape == ref.shape == (2, 64)
-    assert torch.equal(mine, ref), f"{(mine != ref).sum().item()} of {mine.numel()} codes differ"
-    assert len(set(mine.flatten().tolist())) > 4  # not a degenerate, constant image
-
-
-def test_export_round_trips_merged_model_and_perturber(tok, train64, tmp_path):
-    from transformers import JanusForConditionalGeneration
-    from model import load_perturber, save_perturber
-    umm = janus_pro_layout(tok, 128, seed=5)
-    add_lora(umm.janus.model.language_model, r=4, alpha=8, dropout=0.05)
-    for n, p in umm.named_parameters():  # a LoRA that changes the outputs
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    umm.eval()
-    images, qs, ans, _ = batch_of(train64, 1)
-    px = umm.preprocess(images)
-    perturber = Perturber(umm.janus.config.text_config.hidden_size, eps_max=0.02, eps_init=0.01, relative=False)
-    with torch.no_grad():
-        perturber.theta_eps.fill_(0.7)  # a learned budget, away from eps_init
-    umm.save_pretrained(tmp_path)
-    save_perturber(perturber, tmp_path, perturb_at="aligner")
-
-    merged = JanusForConditionalGeneration.from_pretrained(tmp_path).eval()  # no UniGame code
-    assert not any("lora" in k for k in merged.state_dict())
-    ids = torch.tensor([umm.prompt_ids(qs[0]) + umm.answer_ids(ans[0])])
-    with torch.no_grad():
-        logits, _ = umm.answer_logits(umm.image_embeds(px), qs, ans)
-        torch.testing.assert_close(merged(input_ids=ids, pixel_values=px).logits, logits, rtol=1e-4, atol=1e-4)
-    # image generation too, with the begin-of-image id read from the saved generation config
-    prompt = torch.tensor([umm.generation_prompt_ids("a red circle")])
-    ref = merged.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image", guidance_scale=5.0,
-                          do_sample=False)
-    assert torch.equal(umm.generate_images(["a red circle"], cfg_scale=5.0, temperature=0.0), ref)
-
-    again, meta = load_perturber(str(tmp_path))
-    assert meta == {"dim": 64, "hidden": 32, "eps_min": 0.0, "eps_max": 0.02, "eps_init": 0.01, "relative": False,
-                    "eps": pytest.approx(perturber.eps.item()), "perturb_at": "aligner"}
-    with torch.no_grad():
-        z = umm.visual_tokens(px, "aligner")
-        assert torch.equal(again(z), perturber(z)) and torch.equal(again.eps, perturber.eps)
-
-
-def test_gradient_checkpointing_keeps_the_lora_gradients(tok, train64):
-    """The 7B configuration checkpoints the LM; LoRA on a frozen LM must still get the same gradients."""
-    m = tiny(tok, seed=6)
-    lora = add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.0)
-    for p in lora[1::2]:
-        torch.nn.init.normal_(p, std=0.05)
-    m.requires_grad_(False)
-    for p in lora:
-        p.requires_grad_(True)
-    images, qs, ans, _ = batch_of(train64)
-    px = m.preprocess(images)
-
-    def grads():
-        return torch.autograd.grad(m.answer_loss(m.image_embeds(px), qs, ans).mean(), lora)
-    m.train()
-    plain = grads()
-    m.janus.gradient_checkpointing_enable()
-    checkpointed = grads()
-    assert all(g.abs().sum() > 0 for g in plain)
-    for a, b in zip(plain, checkpointed):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-JANUS_PRO_CONFIGS = ["config/unigame_janus_pro_1b.py", "config/unigame_janus_pro_7b.py"]
-
-
-@pytest.mark.parametrize("path", JANUS_PRO_CONFIGS)
-def test_janus_pro_configs_load_through_the_configurator_with_the_published_values(path, monkeypatch):
-    """train.py's own configuration block, then configurator.py on the file, as train.py runs them: every
-    key must be known and of the right type. Then the values the paper publishes."""
-    src = open(os.path.join(HERE, "train.py")).read()
-    block = src[src.index("# configuration\n"):src.index("exec(open(")]  # train.py's globals and their defaults
-    monkeypatch.setattr(sys, "argv", ["train.py", os.path.join(HERE, path)])
-    c = {"torch": torch, "os": os}
-    exec(block + open(os.path.join(HERE, "configurator.py")).read(), c)
-    scope = {}
-    exec(open(os.path.join(HERE, path)).read(), {}, scope)
-    assert scope and all(c[k] == v and type(c[k]) is type(v) for k, v in scope.items())
-    assert c["dataset"] == "vqav2" and all(c[k] for k in ("init_from", "vqav2_questions", "vqav2_annotations", "vqav2_images"))
-    assert (c["lora_r"], c["lora_alpha"], c["lora_dropout"], c["train_modules"]) == (16, 32, 0.05, "")
-    assert (c["perturb_at"], c["eps_relative"], c["eps_max"], c["eps_init"]) == ("aligner", False, 0.02, 0.01)
-    assert 80 <= c["lam"] <= 120 and c["lr_G"] == 1e-2 and 3e-6 <= c["lr"] <= 5e-6 and c["weight_decay"] == 0.01
-    assert c["w_clean"] == 1.0 and c["grad_clip"] == 1.0 and 1 <= c["batch_size"] <= 8 and 6 <= c["hard_bs"] <= 8
-    assert 0.7 <= c["q_hard"] <= 0.8 and c["buffer_capacity"] == 4096 and 1.5 <= c["buffer_temperature"] <= 2.0
-    assert c["gradient_checkpointing"] == ("7b" in path)
-
+# ---------------------------------------------------------------- the Janus-Pro 7B configuration end to end
 
 def test_janus_pro_7b_config_runs_on_a_small_janus_pro_and_exports_model_and_perturber(tok, pro128, tmp_path):
     """The 7B configuration end to end on VQAv2-format files, with only the paths and sizes overridden:
     aligner tokens, an absolute budget, gradient checkpointing; then the export."""
-    from transformers import JanusForConditionalGeneration
-    from model import load_perturber
     pro128.save_pretrained(tmp_path / "base")
     (tmp_path / "vqa").mkdir()
     q, a, images = write_vqav2(tmp_path / "vqa")
@@ -1342,23 +1492,11 @@ def test_janus_pro_7b_config_runs_on_a_small_janus_pro_and_exports_model_and_per
         assert (meta["dim"], meta["relative"], meta["perturb_at"], meta["eps_max"]) == (64, False, "aligner", 0.02)
 
 
-# ---- eval axes (issue 5) ----------------------------------------------------------------------------
-# eval.py: the official VQA accuracy, consistency, the PGD attack, the checkpoint's own perturber, the
-# hard buffer's label preservation, --compare, and eval.json end to end.
+# ================================================================================================
+# eval.py: the official VQA accuracy, the axes, robustness (PGD at the interface, in pixel space), the
+# checkpoint's own perturber, the hard buffer's label preservation, --compare, and eval.json end to end
 
-import shutil  # noqa: E402
-
-from safetensors.torch import save_file  # noqa: E402
-
-import eval as ev  # noqa: E402  (as ev: `eval` would shadow the builtin)
-
-SHAPES_BASE = os.path.join(HERE, "assets", "shapes-base")
-
-
-@pytest.fixture(scope="module")
-def shapes_base():
-    return ev.load(SHAPES_BASE, "cpu")
-
+# ---------------------------------------------------------------- VQA accuracy
 
 @pytest.mark.parametrize("raw, normalised", [
     ("Two.", "2"), ("none", "0"),                                   # number words to digits; a final period goes
@@ -1406,6 +1544,16 @@ class ScriptedModel:
         return [self.reply] * len(questions)
 
 
+def test_understanding_is_exact_match_on_the_world_and_vqa_accuracy_on_real_data():
+    sample = {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "question": "how many shapes are there?",
+              "answers": ["2"], "attrs": {"objects": []}}
+    real = dict(sample, answers=["2"] * 3 + ["3"] * 7, attrs=None)
+    assert ev.understanding_accuracy(ScriptedModel("Two"), [sample], progress=False) == 0.0
+    assert ev.understanding_accuracy(ScriptedModel("Two"), [real, real], progress=False) == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------- the axes: answers read from the scene, consistency
+
 class OracleModel(ScriptedModel):
     """Reads each image with the oracle and answers from what it sees: right on every true picture."""
 
@@ -1414,14 +1562,6 @@ class OracleModel(ScriptedModel):
 
     def answer(self, embeds, questions):
         return [ev.answer_from_attrs(q, data.read_attrs(im)) for im, q in zip(embeds, questions)]
-
-
-def test_understanding_is_exact_match_on_the_world_and_vqa_accuracy_on_real_data():
-    sample = {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "question": "how many shapes are there?",
-              "answers": ["2"], "attrs": {"objects": []}}
-    real = dict(sample, answers=["2"] * 3 + ["3"] * 7, attrs=None)
-    assert ev.understanding_accuracy(ScriptedModel("Two"), [sample], progress=False) == 0.0
-    assert ev.understanding_accuracy(ScriptedModel("Two"), [real, real], progress=False) == pytest.approx(0.9)
 
 
 def test_answer_from_attrs_answers_every_world_question_from_the_scene_or_its_oracle_reading():
@@ -1454,6 +1594,8 @@ def test_consistency_equals_asking_each_question_of_the_generated_image_alone(sh
     assert got == pytest.approx(sum(direct) / len(direct))
 
 
+# ---------------------------------------------------------------- robustness
+
 @pytest.mark.parametrize("at", ["vq", "aligner"])
 def test_pgd_at_the_interface_raises_the_answer_loss_within_the_budget(shapes_base, at):
     recs = world("test", 8)
@@ -1476,6 +1618,16 @@ def test_adversarial_accuracy_is_below_clean_accuracy_on_the_base(shapes_base):
     assert res["ce_attacked"] > res["ce_zero_delta"] + 0.1 and res["accuracy"] < clean, res
 
 
+def test_pixel_attack_of_zero_budget_changes_nothing_and_of_a_real_one_lowers_accuracy(shapes_base):
+    recs = world("test", 16)
+    clean = ev.understanding_scores(shapes_base, recs, progress=False)
+    assert ev.pixel_adversarial_scores(shapes_base, recs, eps=0.0, steps=2, progress=False) == clean
+    attacked = ev.pixel_adversarial_scores(shapes_base, recs, eps=16 / 255, steps=5, progress=False)
+    assert len(attacked) == 16 and sum(attacked) < sum(clean)
+
+
+# ---------------------------------------------------------------- the checkpoint's own perturber
+
 def fake_run(path, perturber=None, stepped=True, model=SHAPES_BASE, items=(), **config):
     """A training out_dir as train.py lays it out: ckpt/ with ckpt.json (config), state.safetensors
     (perturber.* tensors), optim.safetensors (perturber moments when it `stepped`) and the hard buffer;
@@ -1496,7 +1648,6 @@ def fake_run(path, perturber=None, stepped=True, model=SHAPES_BASE, items=(), **
 
 
 def test_own_perturber_from_a_checkpoint_or_an_export_and_none_for_sft_or_a_bare_model(small_dir, tmp_path):
-    from model import save_perturber
     torch.manual_seed(0)
     p = Perturber(8, eps_max=0.25, eps_init=0.2)
     with torch.no_grad():
@@ -1522,6 +1673,8 @@ def test_own_perturber_from_a_checkpoint_or_an_export_and_none_for_sft_or_a_bare
     assert ev.trained_budget(str(tmp_path / "export"))["from"].endswith("perturber.json")
 
 
+# ---------------------------------------------------------------- label preservation
+
 def test_label_preservation_decodes_buffered_codes_and_rereads_them_with_the_oracle(shapes_base, tmp_path):
     recs = [r for r in data.shapes_world("train", 20, seed=0) if r["answers"][0] != "no"][:8]
     with torch.no_grad():
@@ -1541,6 +1694,8 @@ def test_label_preservation_decodes_buffered_codes_and_rereads_them_with_the_ora
     fake_run(tmp_path / "empty")
     assert ev.label_preservation(str(tmp_path / "empty"), progress=False)["note"] == "the buffer is empty"
 
+
+# ---------------------------------------------------------------- --compare
 
 def write_eval(path, **figures):
     os.makedirs(path, exist_ok=True)
@@ -1569,8 +1724,32 @@ def test_compare_prints_runs_side_by_side_with_deltas_and_averages_each_glob(tmp
         ev.compare([str(tmp_path / "nothing-*")])
 
 
+def test_compare_gives_paired_differences_with_a_bootstrap_interval(tmp_path):
+    for s in range(2):
+        base = [1.0] * 20 + [0.0] * 20
+        write_eval(tmp_path / f"a-s{s}", robustness_adv=0.5, per_sample={"robustness_adv": base})
+        write_eval(tmp_path / f"b-s{s}", robustness_adv=0.6, per_sample={"robustness_adv": base[:20] + [1.0] * 4 + [0.0] * 16})
+    table = ev.compare([str(tmp_path / "a-s*"), str(tmp_path / "b-s*")])
+    line = next(x for x in table.splitlines() if x.startswith("robustness_adv ") and "−" in x)
+    mean, lo, hi = (float(v) for v in re.search(r": ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", line).groups())
+    assert mean == pytest.approx(0.1) and 0 < lo < mean < hi and "per run: +0.100, +0.100" in line
+
+
+def test_compare_reads_each_runs_training_cost_from_its_log_and_plots_robustness_against_it(tmp_path):
+    for arm, x in [("sft", 0.5), ("pgd", 3.0)]:
+        for s in range(2):
+            write_eval(tmp_path / f"{arm}-s{s}", robustness_adv=0.6 + 0.05 * s)
+            (tmp_path / f"{arm}-s{s}" / "log.jsonl").write_text(
+                "".join(json.dumps({"iter": i, "ms": {"step": 900 * x}, "cpu_ms": {"step": 1000 * x}}) + "\n" for i in range(3)))
+    table = ev.compare([str(tmp_path / "sft-s*"), str(tmp_path / "pgd-s*")], plot=str(tmp_path / "cost.png"))
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    assert rows["train_cpu_s_per_step"].endswith("+2.500") and "0.450" in rows["train_s_per_step"]
+    assert Image.open(tmp_path / "cost.png").size == (560, 380)
+
+
+# ---------------------------------------------------------------- eval.py end to end
+
 def test_eval_writes_every_axis_as_a_fraction_with_the_attack_recorded(small_dir, tmp_path, monkeypatch, capsys):
-    import runpy
     torch.manual_seed(0)
     fake_run(tmp_path / "run", model=small_dir)
     # the command line, run in this process (a fresh interpreter would spend most of the time importing)
@@ -1590,140 +1769,23 @@ def test_eval_writes_every_axis_as_a_fraction_with_the_attack_recorded(small_dir
     assert all(k in stdout for k in axes)
 
 
-# ---- bench (issue 6) -----------------------------------------------------------------------------
+# ================================================================================================
+# checkpoints and faults: checkpoint.py through train.py: resume, kills, corrupt files, NaN, bad data, no pickles
+# The faults a long run must survive, each tried for real on train.py with tiny settings (train_cmd, run_cmd:
+# see configuration): a SIGKILL, a kill during a checkpoint's swap, a torn or corrupt checkpoint, NaN losses,
+# corrupt images mid-epoch.
 
-def run_bench(*args, timeout=600):
-    """bench.py's command line, on CPU, single-threaded (it runs train.py in subprocesses of its own)."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--device=cpu", "--threads=1", *args],
-                          capture_output=True, text=True, cwd=HERE, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+# ---------------------------------------------------------------- resume
 
-
-def bench_figures(r):
-    """The figures of a bench run that succeeded: its last line, one JSON object."""
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def test_bench_tiny_times_every_step_and_ends_with_its_figures_as_json():
-    r = run_bench("--preset=tiny", "--batch_size=2", "--hard_bs=2", "--gen_batch=1", "--repeats=1", "--warmup=1")
-    figures = bench_figures(r)
-    res = figures["results"]
-    assert set(res) == {"sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate", "generate_dynamic", "generate_static"}
-    assert [res[k]["batch"] for k in ("sft", "sft_hard", "sft_2x", "generate_static")] == [2, 4, 4, 1]
-    assert all(r["ms"] > 0 and r["samples_per_s"] > 0 and r["cpu_ms"] > 0 for r in res.values())
-    assert res["generate_static"]["tokens_per_s"] > 0 and res["generate_dynamic"]["tokens_per_s"] > 0
-    for k in ("unigame_decode", "unigame_generate"):  # train.py's own stopwatch: its step in three phases
-        assert list(res[k]["phases_ms"]) == list(res[k]["phases_cpu_ms"]) == ["perturber", "mine", "understand"]
-        assert all(v > 0 for v in res[k]["phases_ms"].values())
-        assert sum(res[k]["phases_ms"].values()) == pytest.approx(res[k]["ms"], abs=0.5)  # one timed step: they add up
-        assert 0 <= res[k]["hard_per_step"] <= 2
-    for k in ("sft", "sft_hard", "sft_2x"):  # the game off: only the understanding step
-        assert list(res[k]["phases_ms"]) == ["understand"] and res[k]["phases_ms"]["understand"] == res[k]["ms"]
-    for ratios in (figures["ratios"], figures["ratios_cpu_time"]):  # wall time, and the processes' CPU time
-        assert all(v > 0 for v in ratios.values()) and "generate_over_decode_per_candidate" in ratios
-    assert figures["peak_rss_gb"] > 0 and figures["image_tokens"] == 64
-    table = r.stdout.strip().splitlines()[:-1]  # the table came before the JSON
-    assert any(line.split()[:2] == ["unigame_decode", "2"] for line in table), r.stdout
-
-
-def test_bench_times_the_game_at_the_aligner_too():
-    figures = bench_figures(run_bench("--perturb_at=aligner", "--benchmarks=sft,unigame_decode", "--batch_size=2",
-                                      "--hard_bs=2", "--repeats=1", "--warmup=1"))
-    assert figures["perturb_at"] == "aligner" and set(figures["results"]) == {"sft", "unigame_decode"}
-    assert figures["ratios"]["unigame_decode_over_sft"] > 0  # the hard samples were re-embedded from images + deltas
-    assert all(v > 0 for v in figures["results"]["unigame_decode"]["phases_ms"].values())
-
-
-def test_bench_refuses_a_janus_pro_preset_without_a_gpu():
-    r = run_bench("--preset=janus-pro-7b")
-    assert r.returncode != 0 and "needs a GPU" in r.stderr, r.stderr
-
-
-def test_bench_stops_with_the_end_of_train_py_s_output_when_a_run_fails():
-    r = run_bench("--benchmarks=sft,unigame_decode", "--lora_r=-1")
-    assert r.returncode != 0 and "sft: train.py failed" in r.stderr and "config error: lora_r=-1" in r.stderr, r.stderr
-    assert not r.stdout.strip().endswith("}")  # no figures
-
-
-def test_static_and_dynamic_kv_cache_generate_the_same_codes(tok):
-    m = tiny(tok, seed=5)
-    caps = ["a red circle on the left", "two shapes: a blue square and a green triangle", "a yellow triangle"]
-    for cfg, temp, hook in [(5.0, 1.0, None), (1.0, 0.0, None), (1.0, 1.0, lambda v: v + 0.3 * torch.randn_like(v))]:
-        codes = []
-        for static in (False, True):
-            torch.manual_seed(0)  # the hook's noise
-            codes.append(m.generate_images(caps, cfg, temp, generator=gen(1), token_hook=hook, static_cache=static))
-        assert torch.equal(codes[0], codes[1]), (cfg, temp)
-    # a second call reuses the kept static cache, reset
-    assert torch.equal(m.generate_images(caps, 5.0, 1.0, generator=gen(1), static_cache=True),
-                       m.generate_images(caps, 5.0, 1.0, generator=gen(1), static_cache=False))
-
-
-def test_generation_is_inference_even_in_train_mode_with_gradient_checkpointing(tok):
-    m = tiny(tok, seed=6)
-    caps = ["a red circle on the left", "a blue square"]
-    for p in add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.5):
-        torch.nn.init.normal_(p, std=0.1)  # a LoRA that matters, so its dropout would change the codes in train mode
-    want = m.generate_images(caps, 5.0, 0.0)  # eval mode
-    m.janus.gradient_checkpointing_enable()  # in train mode this would drop the KV cache
-    m.train()
-    m.janus.model.vqmodel.eval()
-    for static in (False, True):
-        assert torch.equal(m.generate_images(caps, 5.0, 0.0, static_cache=static), want)
-    assert m.training and m.janus.model.language_model.training and not m.janus.model.vqmodel.training  # modes restored
-
-
-def test_prompt_ids_equal_tokenizing_every_image_placeholder(umm, train64):
-    from model import ASSISTANT, BOI, EOI, IMAGE, JANUS_SYSTEM_PROMPT, USER
-    questions = [s["question"] for s in train64] + ["  odd <image_placeholder> spacing ", "", "ünï 🚀\nline"]
-    for system in ("", JANUS_SYSTEM_PROMPT):
-        for q in questions:
-            text = f"{system}{USER}: {BOI + IMAGE * umm.num_image_tokens + EOI}\n{q.strip()}\n\n{ASSISTANT}:"
-            want = umm.tokenizer(text).input_ids
-            old, umm.system_prompt = umm.system_prompt, system
-            try:
-                assert umm.prompt_ids(q) == want, q
-            finally:
-                umm.system_prompt = old
-
-
-# ---- reliability (issue 7) ---------------------------------------------------------------------
-# The faults a long run must survive, each tried for real on train.py with tiny settings: a SIGKILL,
-# a kill during a checkpoint's swap, a torn or corrupt checkpoint, NaN losses, impossible settings,
-# corrupt images mid-epoch, a failing DDP rank.
-
-import signal  # noqa: E402
-
-from safetensors.torch import load_file  # noqa: E402
-
-# 16 samples, 4 a batch: an epoch is 4 steps. q_hard=0, tau=-1 keep every candidate, hard_bs=1 pops one
-# a step, so the hard buffer fills up and its contents are worth comparing.
-TINY = ["--batch_size=4", "--hard_bs=1", "--train_n=16", "--eval_n=4", "--eval_interval=0", "--log_interval=1",
-        "--lora_r=4", "--threads=1", "--tau=-1.0", "--q_hard=0.0"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def train_cmd(model_dir, out_dir, *args, nproc=0):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return [*launcher, os.path.join(HERE, "train.py"), f"--init_from={model_dir}", f"--out_dir={out_dir}", *TINY, *args]
-
-
-def run_cmd(cmd, timeout=300):
-    """(return code, stdout + stderr) of a command run in the repository. On a timeout the whole process
-    group goes, so that no DDP rank outlives its launcher."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=ENV,
-                         start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out = p.communicate()[0]
-        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out[-3000:]}")
-    return p.returncode, out.replace("\r", "\n")
-
-
-def last_line(out):
-    return out.strip().splitlines()[-1]
+def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
+    quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0")
+    meta = json.load(open(tmp_path / "ckpt" / "ckpt.json"))
+    assert meta["iter_num"] == 2 and meta["config"]["lora_r"] == 4
+    JanusForConditionalGeneration.from_pretrained(tmp_path / "ckpt" / "model")  # the merged export loads alone
+    quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=4", "--tau=-1.0")
+    iters = [r["iter"] for r in read_log(tmp_path) if "loss" in r]
+    assert iters == [1, 2, 3, 4]  # continued from step 2, not from scratch
+    assert json.load(open(tmp_path / "ckpt" / "ckpt.json"))["iter_num"] == 4
 
 
 def differing_tensors(a, b):
@@ -1766,6 +1828,8 @@ def test_a_killed_run_resumes_bitwise_equal_to_an_uninterrupted_one(small_dir, t
     steps = [[{k: v for k, v in r.items() if k not in ("time", "ms", "cpu_ms")} for r in read_log(d) if "loss" in r] for d in (a.parent, b.parent)]
     assert [r["iter"] for r in steps[1]] == [1, 2, 3, 4, 5, 6, 7] and steps[0] == steps[1]
 
+
+# ---------------------------------------------------------------- a kill mid-swap, corrupt files, non-finite values
 
 @pytest.fixture(scope="module")
 def two_steps(small_dir, tmp_path_factory):
@@ -1831,12 +1895,11 @@ def test_nan_losses_skip_both_updates_and_too_many_in_a_row_stop_the_run(small_d
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_values_and_the_previous_one_stays(small_dir, two_steps, tmp_path):
-    from safetensors.torch import save_file as save_tensors
     shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
     # a non-finite value that no loss reveals: theta_eps = inf still gives the finite budget eps_max
     state = load_file(tmp_path / "ckpt" / "state.safetensors")
     state["perturber.theta_eps"] = torch.tensor(float("inf"))
-    save_tensors(state, tmp_path / "ckpt" / "state.safetensors")
+    save_file(state, tmp_path / "ckpt" / "state.safetensors")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.is_file()}
     code, out = run_cmd(train_cmd(small_dir, tmp_path, "--max_iters=3", "--init_from=resume"))
     assert code != 0 and "Traceback" not in out, out[-3000:]
@@ -1846,38 +1909,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_values_and_the_previous_o
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "log.jsonl"]
 
 
-def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_path):
-    code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--max_iters=0",
-                         "--hard_bs=-1", "--q_hard=1.5", "--eps_min=0.2", "--eps_max=0.1", "--lora_r=0", "--mine=draw",
-                         "--export_dtype=float8", "--train_n=8", "--batch_size=16", "--debug_nan_at=x", "--max_bad_steps=0",
-                         "--train_modules=vision,ears", f"--init_from={tmp_path / 'nothing'}"])
-    assert code != 0 and "Traceback" not in out, out[-3000:]
-    for message in ["max_iters=0: must be >= 1", "hard_bs=-1: must be >= 0", "q_hard=1.5: a quantile, must lie in [0, 1]",
-                    "eps_min=0.2, eps_init=0.15, eps_max=0.1: need 0 <= eps_min < eps_init < eps_max",
-                    "mine='draw': expected one of 'decode', 'generate'",
-                    "export_dtype='float8': expected one of 'float32', 'float16', 'bfloat16'",
-                    "train_n=8: fewer samples than one global batch, batch_size*world_size=16*1",
-                    "train_modules='vision,ears': unknown part(s) ['ears']",
-                    "debug_nan_at='x': expected a comma list of iterations", "max_bad_steps=0: must be >= 1",
-                    f"init_from='{tmp_path / 'nothing'}': expected 'resume' or a Hugging Face model directory"]:
-        assert f"config error: {message}" in out, (message, out[-3000:])
-    assert not (tmp_path / "out").exists()  # stopped before anything was written
-    code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--lora_r=0"])
-    assert code != 0 and last_line(out) == "config error: nothing trains: lora_r=0 and train_modules='': set train_modules and/or lora_r"
-    code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--init_from=scratch"])
-    assert code != 0 and "built by assets/build_base.py" in last_line(out)
-
-
-def test_mine_generate_without_a_generation_head_fails_before_the_weights_load(small_dir, tmp_path):
-    from safetensors.torch import save_file as save_tensors
-    model = tmp_path / "no_generation_head"
-    shutil.copytree(small_dir, model)
-    weights = load_file(model / "model.safetensors")
-    save_tensors({k: v for k, v in weights.items() if ".generation_head." not in k}, model / "model.safetensors", metadata={"format": "pt"})
-    code, out = run_cmd(train_cmd(model, tmp_path / "out", "--mine=generate", "--max_iters=1"))
-    assert code != 0 and "Traceback" not in out, out[-3000:]
-    assert last_line(out) == f"config error: mine='generate' needs a generation head, but {model} has no generation_head weights"
-
+# ---------------------------------------------------------------- bad data mid-epoch
 
 def shapes_manifest(folder, n_good, n_corrupt):
     """A JSONL manifest of n_good shapes-world PNGs, then n_corrupt images that are listed and exist but do not
@@ -1908,13 +1940,23 @@ def test_corrupt_images_mid_epoch_are_skipped_and_counted_or_stop_the_run_named(
                         r"\(skip_bad=True skips and counts such samples\)", last_line(out)), out[-1000:]
 
 
-def test_a_failing_ddp_rank_brings_the_job_down_with_its_error_instead_of_hanging(small_dir, tmp_path):
-    manifest = shapes_manifest(tmp_path, 15, 1)  # 16 samples, 8 a rank: one rank meets the corrupt image, one does not
-    start = time.time()
-    code, out = run_cmd(train_cmd(small_dir, tmp_path / "out", "--dataset=jsonl", f"--jsonl_path={manifest}", "--max_iters=2",
-                                  "--ddp_timeout_s=600", nproc=2), timeout=240)
-    assert code != 0 and f"data error: {tmp_path}/corrupt0.png: cannot decode image" in out, out[-3000:]
-    assert time.time() - start < 200  # torchrun stopped the waiting rank; it did not sit out its 600 s timeout
+# ---------------------------------------------------------------- no pickles
+
+def test_no_pickles_anywhere_every_torch_load_is_weights_only():
+    for name in sorted(os.listdir(HERE)) + sorted(os.path.join("assets", f) for f in os.listdir(os.path.join(HERE, "assets"))):
+        if name.endswith(".py"):
+            for n, line in enumerate(open(os.path.join(HERE, name)), 1):
+                assert not re.match(r"\s*(import pickle|from pickle|import dill)", line), f"{name}:{n}"
+                if re.search(r"torch\.load\(", line):
+                    assert "weights_only=True" in line, f"{name}:{n}: {line.strip()}"
+
+
+# ================================================================================================
+# DDP: ranks.py through train.py in two processes (torchrun)
+
+def test_two_process_ddp_keeps_lora_and_perturber_identical_on_both_ranks(small_dir, tmp_path):
+    out = quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0", "--ddp_check_interval=1", nproc=2)
+    assert "iter 2: parameters identical on all 2 ranks" in out
 
 
 def test_ddp_checkpoints_hold_each_ranks_own_state_and_resume_with_ranks_in_agreement(small_dir, tmp_path):
@@ -1930,31 +1972,113 @@ def test_ddp_checkpoints_hold_each_ranks_own_state_and_resume_with_ranks_in_agre
     assert code != 0 and last_line(out).startswith(f"cannot resume: {ckpt} was written by 2 processes, this run has 1"), out[-1000:]
 
 
-def test_no_pickles_anywhere_every_torch_load_is_weights_only():
-    for name in sorted(os.listdir(HERE)) + sorted(os.path.join("assets", f) for f in os.listdir(os.path.join(HERE, "assets"))):
-        if name.endswith(".py"):
-            for n, line in enumerate(open(os.path.join(HERE, name)), 1):
-                assert not re.match(r"\s*(import pickle|from pickle|import dill)", line), f"{name}:{n}"
-                if re.search(r"torch\.load\(", line):
-                    assert "weights_only=True" in line, f"{name}:{n}: {line.strip()}"
+def test_a_failing_ddp_rank_brings_the_job_down_with_its_error_instead_of_hanging(small_dir, tmp_path):
+    manifest = shapes_manifest(tmp_path, 15, 1)  # 16 samples, 8 a rank: one rank meets the corrupt image, one does not
+    start = time.time()
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "out", "--dataset=jsonl", f"--jsonl_path={manifest}", "--max_iters=2",
+                                  "--ddp_timeout_s=600", nproc=2), timeout=240)
+    assert code != 0 and f"data error: {tmp_path}/corrupt0.png: cannot decode image" in out, out[-3000:]
+    assert time.time() - start < 200  # torchrun stopped the waiting rank; it did not sit out its 600 s timeout
 
 
-# ---- 16-bit frozen weights under float32 LoRA (load_dtype)
+# ================================================================================================
+# the base recipe: assets/build_base.py
+
+def build_base(*args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(HERE, "assets", "build_base.py"), "--threads=1", *args],
+                          capture_output=True, text=True, cwd=HERE, timeout=timeout)
 
 
-def test_lora_on_a_bfloat16_base_trains_in_float32_and_merges():
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(16, 16)).to(torch.bfloat16)
-    lora = add_lora(base, r=4, alpha=8, dropout=0.0, targets=("0",))
-    assert all(p.dtype == torch.float32 for p in lora)  # AdamW steps of 1e-6 would vanish in bfloat16
-    x = torch.randn(3, 16, dtype=torch.bfloat16)
-    y = base(x)
-    assert y.dtype == torch.bfloat16
-    y.float().pow(2).sum().backward()
-    assert lora[1].grad is not None and lora[1].grad.abs().sum() > 0  # B gets a gradient at B = 0
-    with torch.no_grad():
-        lora[1].normal_()
-    expected = base(x).float()
-    merge_lora(base)
-    assert isinstance(base[0], nn.Linear) and base[0].weight.dtype == torch.bfloat16
-    assert torch.allclose(base(x).float(), expected, atol=0.1, rtol=0.02)
+def test_scratch_base_recipe_pretrains_siglip_on_labels_then_learns_understanding_and_generation(tmp_path):
+    """assets/build_base.py's phases in miniature: VQ + SigLIP labels first, then understanding (with
+    captions) + text-to-image while the labels go on, then without them; the depths chosen reach the export;
+    the label head is checkpointed for resume but never exported; a resumed build goes on where it stood."""
+    args = [f"--out_dir={tmp_path}", f"--export_dir={tmp_path / 'export'}", "--train_n=64", "--batch_size=8", "--vq_iters=2",
+            "--vision_labels_iters=3", "--lm_layers=2", "--eval_interval=0", "--eval_n=8", "--log_interval=1", "--ckpt_interval=4"]
+    r = build_base(*args, "--max_iters=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [x for x in read_log(tmp_path) if "loss" in x]
+    assert [sorted(k for k in x if k in ("rec", "vis_color", "vis_shape", "und", "gen")) for x in steps] == \
+        [["rec", "vis_color", "vis_shape"]] * 2 + [["gen", "und", "vis_color", "vis_shape"], ["gen", "und"]]
+    cfg = json.load(open(tmp_path / "export" / "config.json"))
+    assert (cfg["text_config"]["num_hidden_layers"], cfg["vision_config"]["num_hidden_layers"]) == (2, 4)  # flag, default
+    assert all(0 < x["vis_shape"] < 5 and 0 < x["vis_color"] < 5 for x in steps[:2])
+    assert {k for k in load_file(tmp_path / "ckpt" / "state.safetensors") if k.startswith("vision_head.")} == {"vision_head.weight", "vision_head.bias"}
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("vision_head.") for k in f.keys())  # (Janus has its own generation_head.vision_head)
+    JanusForConditionalGeneration.from_pretrained(tmp_path / "export")
+    r = build_base(*args, "--max_iters=6", "--resume=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["iter"] for x in read_log(tmp_path) if "loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
+def test_init_scales_of_a_scratch_model(tmp_path):
+    """assets/build_base.py starts the aligner's last layer 10x smaller and SigLIP's position embeddings 10x
+    larger than a plain from_config model of the same seed, and nothing else: one step at lr 0 exports them."""
+    r = build_base(f"--out_dir={tmp_path}", f"--export_dir={tmp_path / 'export'}", "--export_dtype=float32", "--train_n=64",
+                   "--batch_size=8", "--max_iters=1", "--vq_iters=1", "--lr=0", "--eval_n=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    scaled = UMM.from_pretrained(str(tmp_path / "export"))
+    torch.manual_seed(1337)  # the recipe's seed: the tokenizer draws nothing, so the model's weights come first
+    plain = UMM.from_config(tiny_config(scaled.tokenizer, lm_layers=4, vision_layers=4), scaled.tokenizer)
+    pos = lambda u: u.janus.model.vision_model.embeddings.position_embedding.weight
+    last = lambda u: u.janus.model.aligner.hidden_layers[-1].weight
+    assert torch.allclose(pos(scaled), 10 * pos(plain)) and torch.allclose(last(scaled), 0.1 * last(plain))
+    assert torch.equal(scaled.janus.model.vision_model.embeddings.patch_embedding.weight,
+                       plain.janus.model.vision_model.embeddings.patch_embedding.weight)
+
+
+# ================================================================================================
+# bench.py
+
+def run_bench(*args, timeout=600):
+    """bench.py's command line, on CPU, single-threaded (it runs train.py in subprocesses of its own)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--device=cpu", "--threads=1", *args],
+                          capture_output=True, text=True, cwd=HERE, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def bench_figures(r):
+    """The figures of a bench run that succeeded: its last line, one JSON object."""
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_bench_tiny_times_every_step_and_ends_with_its_figures_as_json():
+    r = run_bench("--preset=tiny", "--batch_size=2", "--hard_bs=2", "--gen_batch=1", "--repeats=1", "--warmup=1")
+    figures = bench_figures(r)
+    res = figures["results"]
+    assert set(res) == {"sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate", "generate_dynamic", "generate_static"}
+    assert [res[k]["batch"] for k in ("sft", "sft_hard", "sft_2x", "generate_static")] == [2, 4, 4, 1]
+    assert all(r["ms"] > 0 and r["samples_per_s"] > 0 and r["cpu_ms"] > 0 for r in res.values())
+    assert res["generate_static"]["tokens_per_s"] > 0 and res["generate_dynamic"]["tokens_per_s"] > 0
+    for k in ("unigame_decode", "unigame_generate"):  # train.py's own stopwatch: its step in three phases
+        assert list(res[k]["phases_ms"]) == list(res[k]["phases_cpu_ms"]) == ["perturber", "mine", "understand"]
+        assert all(v > 0 for v in res[k]["phases_ms"].values())
+        assert sum(res[k]["phases_ms"].values()) == pytest.approx(res[k]["ms"], abs=0.5)  # one timed step: they add up
+        assert 0 <= res[k]["hard_per_step"] <= 2
+    for k in ("sft", "sft_hard", "sft_2x"):  # the game off: only the understanding step
+        assert list(res[k]["phases_ms"]) == ["understand"] and res[k]["phases_ms"]["understand"] == res[k]["ms"]
+    for ratios in (figures["ratios"], figures["ratios_cpu_time"]):  # wall time, and the processes' CPU time
+        assert all(v > 0 for v in ratios.values()) and "generate_over_decode_per_candidate" in ratios
+    assert figures["peak_rss_gb"] > 0 and figures["image_tokens"] == 64
+    table = r.stdout.strip().splitlines()[:-1]  # the table came before the JSON
+    assert any(line.split()[:2] == ["unigame_decode", "2"] for line in table), r.stdout
+
+
+def test_bench_times_the_game_at_the_aligner_too():
+    figures = bench_figures(run_bench("--perturb_at=aligner", "--benchmarks=sft,unigame_decode", "--batch_size=2",
+                                      "--hard_bs=2", "--repeats=1", "--warmup=1"))
+    assert figures["perturb_at"] == "aligner" and set(figures["results"]) == {"sft", "unigame_decode"}
+    assert figures["ratios"]["unigame_decode_over_sft"] > 0  # the hard samples were re-embedded from images + deltas
+    assert all(v > 0 for v in figures["results"]["unigame_decode"]["phases_ms"].values())
+
+
+def test_bench_refuses_a_janus_pro_preset_without_a_gpu():
+    r = run_bench("--preset=janus-pro-7b")
+    assert r.returncode != 0 and "needs a GPU" in r.stderr, r.stderr
+
+
+def test_bench_stops_with_the_end_of_train_py_s_output_when_a_run_fails():
+    r = run_bench("--benchmarks=sft,unigame_decode", "--lora_r=-1")
+    assert r.returncode != 0 and "sft: train.py failed" in r.stderr and "config error: lora_r=-1" in r.stderr, r.stderr
+    assert not r.stdout.strip().endswith("}")  # no figures

@@ -447,9 +447,7 @@ while iter_num < max_iters:
             logs.update(hard=ce[B:].mean().item(), n_hard=len(hard))
         if w_gen:  # text-to-image on the first gen_bs samples, keeping generation trained
             n = min(gen_bs or B, B)
-            with torch.no_grad():
-                codes = umm.image_codes(pixels[:n])
-            ce_gen = umm.image_loss(captions[:n], codes, torch.rand(n) < gen_uncond_p).mean()
+            ce_gen = umm.text_to_image_loss(captions[:n], pixels[:n], gen_uncond_p).mean()
             loss = loss + w_gen * ce_gen
             logs["gen"] = ce_gen.item()
     loss = loss * float("nan") if poisoned else loss

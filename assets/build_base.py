@@ -209,9 +209,7 @@ while iter_num < max_iters:
             logs["und"] = ce.item()
             if w_gen:
                 n = min(gen_bs or B, B)
-                with torch.no_grad():
-                    codes = umm.image_codes(pixels[:n])
-                ce_gen = umm.image_loss(captions[:n], codes, torch.rand(n) < gen_uncond_p).mean()
+                ce_gen = umm.text_to_image_loss(captions[:n], pixels[:n], gen_uncond_p).mean()
                 loss = loss + w_gen * ce_gen
                 logs["gen"] = ce_gen.item()
     optimizer.zero_grad(set_to_none=True)
