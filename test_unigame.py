@@ -1454,8 +1454,8 @@ def test_the_random_control_arm_fills_the_buffer_but_never_trains_the_perturber(
 
 @pytest.mark.parametrize("adversary", ["learned", "pgd"])
 def test_the_log_tells_whether_the_game_is_played(small_dir, tmp_path, adversary):
-    quick_train(small_dir, tmp_path, "--max_iters=2", f"--adversary={adversary}", "--pgd_steps=2", "--tau=-1.0", "--q_hard=0.0",
-                "--eval_adv_steps=1")
+    quick_train(small_dir, tmp_path, "--max_iters=2", f"--adversary={adversary}", "--pgd_steps=2", "--refine_steps=2", "--tau=-1.0",
+                "--q_hard=0.0", "--eval_adv_steps=1")  # refine_steps: the aim step of the learned perturber (PGD ignores it)
     steps = [r for r in read_log(tmp_path) if "adv" in r]
     assert [r["iter"] for r in steps] == [1, 2]
     for r in steps:

@@ -65,8 +65,8 @@ gen_bs = 0  # the text-to-image loss uses the first gen_bs samples of each batch
 game = True
 adversary = "learned"  # 'learned': the perturber plays | 'pgd': PGD adversarial training, a pgd_steps attack on each batch |
 #   'random': the control arm, unaimed directions at eps_max; all three through the same encode-project-decode path and buffer
-refine_steps = 1  # adversary='learned': PGD steps refining the perturber's delta (a learned start); the first reuses the
-#   gradient of the perturber's own update, so costs one forward; 0: the published perturber alone
+refine_steps = 0  # adversary='learned': PGD steps refining the perturber's delta (a learned start; the first reuses the
+#   gradient of the perturber's own update, so costs one forward); 0: the published perturber alone (README: the adversary)
 refine_size = 1.25  # their step, in units of eps (1.25: FGSM from a start in the ball, Wong et al. 2020)
 pgd_steps = 3  # adversary='pgd': attack steps of 2.5 * eps_max / pgd_steps from a random start in the ball
 perturb_at = "vq"  # 'vq': codebook-space tokens, projected and decoded | 'aligner': tokens after the aligner

@@ -34,7 +34,7 @@ game = True
 # (the built-in world uses eps_max 0.3, eps_init 0.15).
 perturb_at = "aligner"
 eps_relative = False
-refine_steps = 0  # the published perturber alone: no PGD aim step on its delta (train.py's built-in default refines it once)
+refine_steps = 0  # the published perturber alone, no PGD aim step on its delta (as train.py's default)
 eps_min = 0.0
 eps_max = 0.02
 eps_init = 0.01
