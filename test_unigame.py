@@ -1842,7 +1842,7 @@ def two_steps(small_dir, tmp_path_factory):
 
 def test_a_kill_during_the_checkpoint_swap_leaves_a_checkpoint_to_resume_from(small_dir, two_steps, tmp_path):
     shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
-    # killed between save_checkpoint's renames (ckpt -> ckpt.old done, ckpt.tmp -> ckpt not yet), and a
+    # killed between checkpoint.save's renames (ckpt -> ckpt.old done, ckpt.tmp -> ckpt not yet), and a
     # later save killed while writing ckpt.tmp
     os.rename(tmp_path / "ckpt", tmp_path / "ckpt.old")
     (tmp_path / "ckpt.tmp").mkdir()
