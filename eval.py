@@ -251,7 +251,7 @@ def codes_changed(umm, records, delta_fn, batch_size=64):
     changed = []
     for chunk in _batches(records, batch_size, False, ""):
         tokens = umm.visual_tokens(_pixels(umm, chunk), "vq")
-        changed.append((umm.project_to_codebook(tokens + delta_fn(tokens))[1] != umm.project_to_codebook(tokens)[1]).float().mean())
+        changed.append(umm.codes_changed(tokens, umm.project_to_codebook(tokens + delta_fn(tokens))[1]).mean())
     return torch.stack(changed).mean().item()
 
 
@@ -286,7 +286,7 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
                 emb, _, codes = umm.perturbed_view(tokens + d, at)
                 ce.extend(umm.answer_loss(emb, questions, answers).tolist())
                 acc.extend(answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(umm.answer(emb, questions), chunk))
-                changed += [(codes != umm.project_to_codebook(tokens)[1]).float().mean(1)] if at == "vq" and d is delta else []
+                changed += [umm.codes_changed(tokens, codes)] if at == "vq" and d is delta else []
     return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1),
             "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1}
 

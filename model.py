@@ -496,6 +496,11 @@ class UMM(nn.Module):
             return tokens, None, None
         raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
 
+    def codes_changed(self, tokens, codes):
+        """Per sample, the share of image tokens whose codebook entry `codes` (of a perturbed view) differs from
+        that of the clean codebook-space tokens: how much of a perturbation survives the projection."""
+        return (codes != self.project_to_codebook(tokens)[1]).float().mean(-1)
+
     def perturbed_loss(self, tokens, questions, answers, at="vq"):
         """Per-sample answer cross-entropy of the view of (perturbed) tokens (perturbed_view): what an attack ascends."""
         return self.answer_loss(self.perturbed_view(tokens, at)[0], questions, answers)

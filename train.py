@@ -385,7 +385,7 @@ while iter_num < max_iters:
         delta, emb_adv, ce_adv = delta.detach(), emb_adv.detach(), ce_adv.detach()
         logs.update(adv=ce_adv.mean().item())
         if perturb_at == "vq":  # the share of tokens whose code the perturbation changed: does the projection keep it?
-            logs["changed"] = (codes_adv != umm.project_to_codebook(tokens)[1]).float().mean().item()
+            logs["changed"] = umm.codes_changed(tokens, codes_adv).mean().item()
         watch.lap("perturber")
 
         # 5. mine: candidates, their consistency with the text, the hardest kept in the buffer
