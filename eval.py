@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import checkpoint
 from data import caption_qa, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, shapes_world
-from perturber import Perturber, pgd_attack, random_like
+from perturber import Perturber, input_gradient, pgd_attack, random_like
 
 # -----------------------------------------------------------------------------------------------
 ckpt = "assets/shapes-base"
@@ -173,12 +173,12 @@ def label(record):
 @torch.no_grad()
 def understanding_scores(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
     """The answer score of each record's greedy answer: exact match on world samples, VQA accuracy on real
-    ones (attrs None). `embed` maps pixels to the understanding embeds the model answers from (default:
-    umm.image_embeds; see perturbed_embed)."""
+    ones (attrs None). `embed` maps (pixels, questions, answers) to the understanding embeds the model answers
+    from (default: umm.image_embeds of the pixels; see perturbed_embed)."""
     scores = []
     for chunk in _batches(records, batch_size, progress, desc):
-        px = _pixels(umm, chunk)
-        preds = umm.answer((embed or umm.image_embeds)(px), [r["question"] for r in chunk])
+        px, questions = _pixels(umm, chunk), [r["question"] for r in chunk]
+        preds = umm.answer(embed(px, questions, [label(r) for r in chunk]) if embed else umm.image_embeds(px), questions)
         scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
     return scores
 
@@ -236,12 +236,21 @@ def reconstruction_score(umm, records, batch_size=64, progress=True):
 # ---- robustness: perturbations at the game's interface ------------------------------------------
 
 def perturbed_embed(umm, delta_fn, at="vq"):
-    """pixels -> understanding embeds of the perturbed view: tokens at the interface `at`, plus
-    delta_fn(tokens), through the same project-decode path as the game (model.perturbed_view)."""
-    def embed(px):
+    """(pixels, questions, answers) -> understanding embeds of the perturbed view: tokens at the interface
+    `at`, plus delta_fn(tokens, questions, answers), through the same project-decode path as the game
+    (model.perturbed_view)."""
+    def embed(px, questions, answers):
         tokens = umm.visual_tokens(px, at)
-        return umm.perturbed_view(tokens + delta_fn(tokens), at)[0]
+        return umm.perturbed_view(tokens + delta_fn(tokens, questions, answers), at)[0]
     return embed
+
+
+def perturber_delta(umm, perturber, at="vq"):
+    """A Perturber as a delta function (tokens, questions, answers) -> δ. One that sees the gradient
+    (sees='grad') gets the gradient of the answer loss at the clean tokens, as in training."""
+    if perturber.sees == "grad":
+        return lambda t, q, a: perturber(t, grad=input_gradient(lambda x: umm.perturbed_loss(x, q, a, at), t))
+    return lambda t, q, a: perturber(t)
 
 
 @torch.no_grad()
@@ -251,14 +260,15 @@ def codes_changed(umm, records, delta_fn, batch_size=64):
     changed = []
     for chunk in _batches(records, batch_size, False, ""):
         tokens = umm.visual_tokens(_pixels(umm, chunk), "vq")
-        changed.append(umm.codes_changed(tokens, umm.project_to_codebook(tokens + delta_fn(tokens))[1]).mean())
+        delta = delta_fn(tokens, [r["question"] for r in chunk], [label(r) for r in chunk])
+        changed.append(umm.codes_changed(tokens, umm.project_to_codebook(tokens + delta)[1]).mean())
     return torch.stack(changed).mean().item()
 
 
 def random_delta(eps, relative=True, seed=0, device="cpu"):
     """A random (not adversarial) perturbation of budget eps: the control for the perturber."""
     g = torch.Generator(device=device).manual_seed(seed)
-    return lambda tokens: random_like(tokens, eps, relative=relative, generator=g)
+    return lambda tokens, *_: random_like(tokens, eps, relative=relative, generator=g)
 
 
 def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, steps=5, step_size=None, generator=None):
@@ -320,7 +330,8 @@ def summary(umm, records, perturber=None, at="vq", attack=None):
     umm.eval()
     res = {"clean": understanding_accuracy(umm, records, progress=False)}
     if perturber is not None:
-        res["under_perturber"] = understanding_accuracy(umm, records, perturbed_embed(umm, perturber, at), progress=False)
+        res["under_perturber"] = understanding_accuracy(umm, records, perturbed_embed(umm, perturber_delta(umm, perturber, at), at),
+                                                        progress=False)
     if attack:
         res[f"under_pgd_{attack['steps']}_steps"] = adversarial_accuracy(umm, records, at, progress=False, **attack)["accuracy"]
     return res
@@ -366,17 +377,17 @@ def _perturber_export(path):
 
 def trained_budget(path):
     """The game's settings a checkpoint was trained with, {"perturb_at", "eps_min", "eps_max", "relative",
-    "from"}: from its perturber.json, else its training config (ckpt.json), else train.py's defaults
+    "sees", "from"}: from its perturber.json, else its training config (ckpt.json), else train.py's defaults
     ('vq', eps in [0, 0.3] relative to token norm)."""
     cfg = locate(path)[1].get("config", {})
     spec = {"perturb_at": cfg.get("perturb_at", "vq"), "eps_min": cfg.get("eps_min", 0.0),
-            "eps_max": cfg.get("eps_max", 0.3), "relative": cfg.get("eps_relative", True),
+            "eps_max": cfg.get("eps_max", 0.3), "relative": cfg.get("eps_relative", True), "sees": cfg.get("perturber_sees", "token"),
             "from": "ckpt.json" if cfg else "defaults"}
     folder = _perturber_export(path)
     if folder:
         with open(os.path.join(folder, "perturber.json")) as f:
             saved = json.load(f)
-        spec.update({k: saved[k] for k in ("perturb_at", "eps_min", "eps_max", "relative") if k in saved})
+        spec.update({k: saved[k] for k in ("perturb_at", "eps_min", "eps_max", "relative", "sees") if k in saved})
         spec["from"] = os.path.join(folder, "perturber.json")
     return spec
 
@@ -409,9 +420,9 @@ def own_perturber(path, device="cpu"):
     if not tensors:
         return None, f"{source} holds no perturber tensors"
     spec = trained_budget(path)
-    hidden, dim = tensors["net.0.weight"].shape
+    dim, hidden = tensors["net.4.weight"].shape
     lo, hi = float(spec["eps_min"]), float(spec["eps_max"])
-    perturber = Perturber(dim, hidden, lo, hi, eps_init=(lo + hi) / 2, relative=bool(spec["relative"]))  # θ_ε is loaded
+    perturber = Perturber(dim, hidden, lo, hi, eps_init=(lo + hi) / 2, relative=bool(spec["relative"]), sees=spec["sees"])  # θ_ε is loaded
     perturber.load_state_dict(tensors)
     perturber.to(device).eval().requires_grad_(False)
     return perturber, {**spec, "eps": perturber.eps.item(), "source": source}
@@ -678,14 +689,14 @@ if __name__ == "__main__":
     record("understanding_random_perturb", understanding_scores(umm, test, perturbed_embed(umm, random_fn, at), batch_size,
                                                                  desc="random perturbation"))
     if own is not None:
-        own_view = perturbed_embed(umm, own, own_info["perturb_at"])
+        own_view = perturbed_embed(umm, perturber_delta(umm, own, own_info["perturb_at"]), own_info["perturb_at"])
         record("understanding_own_perturber", understanding_scores(umm, test, own_view, batch_size, desc="own perturber"))
     else:
         skipped["understanding_own_perturber"] = own_info
     if at == "vq":  # how much of each perturbation survives the projection onto the codebook
         changed = {"pgd": attack["codes_changed"], "random": codes_changed(umm, test[:adv_n], random_delta(radius, relative, seed, device))}
         if own is not None and own_info["perturb_at"] == "vq":
-            changed["own_perturber"] = codes_changed(umm, test[:adv_n], own)
+            changed["own_perturber"] = codes_changed(umm, test[:adv_n], perturber_delta(umm, own))
         attack["codes_changed_by"] = changed
     if data == "shapes":
         record("reconstruction", reconstruction_score(umm, test, batch_size=batch_size))

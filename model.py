@@ -726,6 +726,7 @@ def load_perturber(path, device="cpu"):
     meta = _read_json(os.path.join(path, "perturber.json"))
     if not meta:
         raise FileNotFoundError(f"{path}: no perturber.json")
-    perturber = Perturber(**{k: meta[k] for k in ("dim", "hidden", "eps_min", "eps_max", "eps_init", "relative")})
+    perturber = Perturber(**{k: meta[k] for k in ("dim", "hidden", "eps_min", "eps_max", "eps_init", "relative")},
+                          sees=meta.get("sees", "token"))
     perturber.load_state_dict(load_file(os.path.join(path, "perturber.safetensors")))
     return perturber.to(device), meta

@@ -58,13 +58,16 @@ class Perturber(nn.Module):
     (Janus's VQ codebook vectors are 8-dimensional).
     """
 
-    def __init__(self, dim, hidden=None, eps_min=0.0, eps_max=0.02, eps_init=0.01, relative=True):
+    def __init__(self, dim, hidden=None, eps_min=0.0, eps_max=0.02, eps_init=0.01, relative=True, sees="token"):
         super().__init__()
         if not eps_min < eps_init < eps_max:  # sigmoid reaches neither end, so eps_init must lie strictly inside
             raise ValueError(f"need eps_min < eps_init < eps_max, got {eps_min}, {eps_init}, {eps_max}")
+        if sees not in ("token", "grad"):
+            raise ValueError(f"sees={sees!r}: expected 'token' or 'grad'")
         hidden = hidden or max(32, dim // 4)
+        self.sees = sees
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(),
+            nn.Linear(dim * (2 if sees == "grad" else 1), hidden), nn.GELU(),
             nn.Linear(hidden, hidden), nn.GELU(),
             nn.Linear(hidden, dim, bias=False),
         )
@@ -78,8 +81,12 @@ class Perturber(nn.Module):
         """The current budget ε, a 0-dim tensor differentiable w.r.t. θ_ε."""
         return self.eps_min + (self.eps_max - self.eps_min) * torch.sigmoid(self.theta_eps)
 
-    def forward(self, z, noise_std=0.0, generator=None):
+    def forward(self, z, grad=None, noise_std=0.0, generator=None):
         """δ for tokens z of shape (..., dim); same shape and dtype as z.
+
+        sees='grad': C sees each token beside the loss's gradient at it, [z, ‖z‖·g/‖g‖] (input_gradient;
+        required), so it can learn where the answer is fragile for this image and this question rather
+        than one field for all (Lee et al. 2017, Generative Adversarial Trainer). sees='token' ignores grad.
 
         noise_std > 0 adds Gaussian jitter to the unit direction before renormalising, so
         repeated calls on one sample give distinct candidates for mining. Its per-coordinate
@@ -88,7 +95,12 @@ class Perturber(nn.Module):
         direction only: every draw still has exactly the budget's length. `generator`
         (on z's device) makes draws repeatable.
         """
-        u = _unit(self.net(z.to(self.net[0].weight.dtype)))  # a float32 perturber on 16-bit tokens
+        x = z.to(self.net[0].weight.dtype)  # a float32 perturber on 16-bit tokens
+        if self.sees == "grad":
+            if grad is None:
+                raise ValueError("a perturber with sees='grad' needs grad, the loss's gradient at z (input_gradient)")
+            x = torch.cat([x, _unit(grad) * z.float().norm(dim=-1, keepdim=True)], dim=-1).to(x.dtype)
+        u = _unit(self.net(x))
         if noise_std > 0:
             noise = torch.randn(u.shape, generator=generator, device=u.device)
             u = _unit(u + noise_std / math.sqrt(u.shape[-1]) * noise)
@@ -97,11 +109,20 @@ class Perturber(nn.Module):
     def config(self):
         """The constructor arguments, as a plain dict (for a JSON file): Perturber(**p.config()) has the same
         shape and budget range; the learned weights and θ_ε (so the current ε) are in state_dict()."""
-        return {"dim": self.net[0].in_features, "hidden": self.net[0].out_features, "eps_min": self.eps_min,
-                "eps_max": self.eps_max, "eps_init": self.eps_init, "relative": self.relative}
+        return {"dim": self.net[-1].out_features, "hidden": self.net[0].out_features, "eps_min": self.eps_min,
+                "eps_max": self.eps_max, "eps_init": self.eps_init, "relative": self.relative, "sees": self.sees}
 
     def extra_repr(self):
-        return f"eps in [{self.eps_min}, {self.eps_max}], relative={self.relative}"
+        return f"eps in [{self.eps_min}, {self.eps_max}], relative={self.relative}, sees={self.sees!r}"
+
+
+def input_gradient(loss_fn, z):
+    """The gradient of loss_fn(z).sum() with respect to the tokens z, detached: one backward to the inputs
+    (no parameter .grad is touched), what a Perturber with sees='grad' aims with. Works under no_grad."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(z).sum(), z)
+    return grad
 
 
 def random_like(z, eps, relative=True, generator=None):

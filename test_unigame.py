@@ -31,7 +31,7 @@ import eval as ev  # as ev: `eval` would shadow the builtin
 from buffer import HardBuffer, hardness, select_hard
 from model import (ASSISTANT, BOI, EOI, IMAGE, JANUS_SYSTEM_PROMPT, UMM, USER, add_lora, build_tokenizer, clip_scorer,
                    load_perturber, merge_lora, save_perturber, tiny_config)
-from perturber import Perturber, jitter, pgd_attack, pgd_refine, random_like, regularizer, total_variation
+from perturber import Perturber, input_gradient, jitter, pgd_attack, pgd_refine, random_like, regularizer, total_variation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -992,6 +992,23 @@ def test_last_layer_is_orthogonal_and_bias_free():
         assert close(gram, torch.eye(gram.shape[0]), rtol=0.0, atol=1e-5)
 
 
+def test_a_perturber_that_sees_the_gradient_aims_with_it_and_keeps_the_budget():
+    torch.manual_seed(0)
+    z, w = torch.randn(2, 9, 16), torch.randn(16)
+    with torch.no_grad():  # input_gradient works where the caller has gradients off, as eval does
+        g = input_gradient(lambda t: (t * w).sum((-2, -1)), z)
+    assert close(g, w.expand_as(z)) and not z.requires_grad
+    p = Perturber(dim=16, sees="grad")
+    d = p(z, grad=g)
+    assert close(token_norms(d), p.eps.item() * token_norms(z))
+    assert not torch.allclose(p(z, grad=-g), d)  # the gradient steers the direction
+    with pytest.raises(ValueError, match="needs grad"):
+        p(z)
+    again = Perturber(**p.config())  # the configuration round-trips, input width included
+    again.load_state_dict(p.state_dict())
+    assert torch.equal(again(z, grad=g), d) and p.config()["dim"] == 16
+
+
 def test_perturber_is_under_one_percent_of_a_tiny_janus():
     n = sum(t.numel() for t in Perturber(dim=256).parameters())
     assert n < 0.01 * 4.4e6, n
@@ -1452,10 +1469,11 @@ def test_the_random_control_arm_fills_the_buffer_but_never_trains_the_perturber(
     assert not any(k.startswith("perturber.") for k in moments)  # its optimizer never stepped
 
 
-@pytest.mark.parametrize("adversary", ["learned", "pgd"])
+@pytest.mark.parametrize("adversary", ["learned", "pgd", "learned --perturber_sees=grad"])
 def test_the_log_tells_whether_the_game_is_played(small_dir, tmp_path, adversary):
+    adversary, *sees = adversary.split()
     quick_train(small_dir, tmp_path, "--max_iters=2", f"--adversary={adversary}", "--pgd_steps=2", "--refine_steps=2", "--tau=-1.0",
-                "--q_hard=0.0", "--eval_adv_steps=1")  # refine_steps: the aim step of the learned perturber (PGD ignores it)
+                "--q_hard=0.0", "--eval_adv_steps=1", *sees)  # refine_steps: the aim step of the learned perturber (PGD ignores it)
     steps = [r for r in read_log(tmp_path) if "adv" in r]
     assert [r["iter"] for r in steps] == [1, 2]
     for r in steps:
@@ -1466,6 +1484,10 @@ def test_the_log_tells_whether_the_game_is_played(small_dir, tmp_path, adversary
     assert "under_pgd_1_steps" in after and ("under_perturber" in after) == (adversary == "learned")
     moments = load_file(tmp_path / "ckpt" / "optim.safetensors")
     assert any(k.startswith("perturber.") for k in moments) == (adversary == "learned")  # PGD has nothing to learn
+    if sees:  # eval.py rebuilds the perturber that sees the gradient, from the checkpoint and from its export beside the model
+        for path in (tmp_path, tmp_path / "ckpt" / "model"):
+            own, info = ev.own_perturber(str(path))
+            assert own.sees == "grad" and info["sees"] == "grad"
 
 
 # ---------------------------------------------------------------- the Janus-Pro 7B configuration end to end
