@@ -81,10 +81,10 @@ def _mean(xs):
 # The normalisation of the official VQA evaluation (processPunctuation, then processDigitArticle).
 
 PUNCTUATION = frozenset(';/[]"{}()=+\\_-><@`,?!')  # "." and "'" are not here: periods have their own rule
-COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d")
+COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d", re.ASCII)  # ASCII: the script is Python 2, where \d is [0-9]
 # The official pattern is "(?!<=\d)(\.)(?!\d)"; its first group is a lookahead that never fires (a typo
 # for a lookbehind), so what it does is this: drop a period unless a digit follows ("3.5" stays, "dog." goes).
-PERIOD = re.compile(r"\.(?!\d)")
+PERIOD = re.compile(r"\.(?!\d)", re.ASCII)
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = frozenset({"a", "an", "the"})
@@ -124,12 +124,13 @@ CONTRACTIONS = {
 def process_punctuation(text):
     """Each punctuation mark is deleted when it touches a space somewhere in the text ("yes, it is") or
     when the text has a comma between digits ("1,000" -> "1000"), and becomes a space otherwise
-    ("red-white" -> "red white"); then periods not followed by a digit are dropped."""
+    ("red-white" -> "red white"); then periods not followed by a digit are dropped, at most 32 of them, as
+    in the official script (its re.UNICODE lands in re.sub's count argument)."""
     strip = COMMA_BETWEEN_DIGITS.search(text) is not None
     out = text
     for p in PUNCTUATION:
         out = out.replace(p, "" if strip or p + " " in text or " " + p in text else " ")
-    return PERIOD.sub("", out)
+    return PERIOD.sub("", out, count=32)
 
 
 def process_digit_article(text):
@@ -139,28 +140,56 @@ def process_digit_article(text):
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def clean_answer(text):
+    """What the official script does to every answer first: newlines and tabs to spaces, ends stripped."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text):
-    return process_digit_article(process_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+    return process_digit_article(process_punctuation(clean_answer(text)))
 
 
-def vqa_accuracy(pred, answers):
-    """The official VQA accuracy: with the prediction and every annotator's answer normalised, the mean
-    over the leave-one-annotator-out subsets of min(#matches among the others / 3, 1) (ten subsets of
-    nine on VQAv2). A single answer is a normalised exact match.
+def evalai_answer(text):
+    """lmms-eval's EvalAI answer processor, applied to every prediction there: lower-case, commas and
+    question marks deleted, "'s" split off ("dog's" -> "dog 's"), then the normalisation above."""
+    return normalize_answer(text.lower().replace(",", "").replace("?", "").replace("'s", " 's"))
 
-    Unlike the official script, which normalises only when the annotators disagree (so that "two"
-    scores 0 against ten "2"s) and applies the digit/article step to the prediction alone (VQAv2's
-    answers are stored normalised), we normalise both sides always, so raw JSONL answers work too."""
-    p, gts = normalize_answer(pred), [normalize_answer(a) for a in answers]
+
+VQA_CONVENTIONS = ("vqaeval", "lmms_eval", "normalize_both")
+
+
+def vqa_accuracy(pred, answers, convention="vqaeval"):
+    """VQA accuracy: the mean over the leave-one-annotator-out subsets of min(#matches among the others / 3,
+    1) (ten subsets of nine on VQAv2), after one of three conventions for the answers' text:
+
+    'vqaeval' (default): the official script, vqaEval.py of the VQA API, case for case. Every answer has
+        its newlines, tabs and ends stripped; only when the annotators disagree are both sides normalised
+        (normalize_answer). With ten identical answers the comparison is verbatim: "Two" scores 0 against
+        ten "two", "dog" against ten "a dog".
+    'lmms_eval': as lmms-eval scores VQAv2: the prediction always goes through evalai_answer, the
+        annotators' answers as above.
+    'normalize_both': both sides always normalised, for raw answers that were never normalised (a JSONL
+        manifest).
+
+    A single answer (a JSONL manifest), where the script has no other annotator and would score 0, is an
+    exact match after the same processing."""
+    if convention not in VQA_CONVENTIONS:
+        raise ValueError(f"vqa_convention={convention!r}: expected one of {', '.join(map(repr, VQA_CONVENTIONS))}")
+    if convention == "normalize_both":
+        p, gts = normalize_answer(pred), [normalize_answer(a) for a in answers]
+    else:
+        p, gts = clean_answer(pred) if convention == "vqaeval" else evalai_answer(pred), [clean_answer(a) for a in answers]
+        if len(set(gts)) > 1:  # the annotators disagree
+            p, gts = normalize_answer(p), [normalize_answer(a) for a in gts]
     if len(gts) == 1:
         return float(p == gts[0])
     hits = [g == p for g in gts]
     return _mean([min((sum(hits) - h) / 3.0, 1.0) for h in hits])
 
 
-def answer_score(pred, answers, vqa=False):
-    """Exact match on the built-in world (one templated answer); the official VQA accuracy on real data."""
-    return vqa_accuracy(pred, answers) if vqa else float(pred == answers[0])
+def answer_score(pred, answers, vqa=False, convention="vqaeval"):
+    """Exact match on the built-in world (one templated answer); VQA accuracy on real data."""
+    return vqa_accuracy(pred, answers, convention) if vqa else float(pred == answers[0])
 
 
 def label(record):
@@ -171,21 +200,21 @@ def label(record):
 # ---- understanding, generation, consistency ------------------------------------------------------
 
 @torch.no_grad()
-def understanding_scores(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
+def understanding_scores(umm, records, embed=None, batch_size=64, progress=True, desc="understanding", convention="vqaeval"):
     """The answer score of each record's greedy answer: exact match on world samples, VQA accuracy on real
-    ones (attrs None). `embed` maps pixels to the understanding embeds the model answers from (default:
-    umm.image_embeds; see perturbed_embed)."""
+    ones (attrs None; `convention`: vqa_accuracy's). `embed` maps pixels to the understanding embeds the
+    model answers from (default: umm.image_embeds; see perturbed_embed)."""
     scores = []
     for chunk in _batches(records, batch_size, progress, desc):
         px = _pixels(umm, chunk)
         preds = umm.answer((embed or umm.image_embeds)(px), [r["question"] for r in chunk])
-        scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
+        scores += [answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(preds, chunk)]
     return scores
 
 
-def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
+def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding", convention="vqaeval"):
     """The mean of understanding_scores."""
-    return _mean(understanding_scores(umm, records, embed, batch_size, progress, desc))
+    return _mean(understanding_scores(umm, records, embed, batch_size, progress, desc, convention))
 
 
 @torch.no_grad()
@@ -269,7 +298,7 @@ def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, 
 
 
 def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5, step_size=None, batch_size=64,
-                         seed=0, progress=True):
+                         seed=0, progress=True, convention="vqaeval"):
     """robustness_adv: accuracy under a PGD attack of budget eps at the interface `at`, a fresh one per
     batch (not the trained perturber). Returns {"accuracy", "accuracy_zero_delta", "ce_zero_delta",
     "ce_attacked"}: accuracy and mean answer cross-entropy of the same samples without and with the
@@ -285,13 +314,13 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
             for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1)):
                 emb, _, codes = umm.perturbed_view(tokens + d, at)
                 ce.extend(umm.answer_loss(emb, questions, answers).tolist())
-                acc.extend(answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(umm.answer(emb, questions), chunk))
+                acc.extend(answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(umm.answer(emb, questions), chunk))
                 changed += [umm.codes_changed(tokens, codes)] if at == "vq" and d is delta else []
     return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1),
             "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1}
 
 
-def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64, seed=0, progress=True):
+def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64, seed=0, progress=True, convention="vqaeval"):
     """Answer scores under an L-infinity PGD attack on the image itself (eps in [0, 1] pixel units, steps of
     2.5 * eps / steps by gradient sign, from a random start), straight into the understanding branch: no VQ
     model, so outside the game's threat model, a measure of how far robustness transfers."""
@@ -310,7 +339,7 @@ def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64,
             delta = (delta.detach() + 2.5 * radius / steps * grad.sign()).clamp(-radius, radius)
         with torch.no_grad():
             preds = umm.answer(umm.image_embeds((px + delta).clamp(lo, hi)), questions)
-        scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
+        scores += [answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(preds, chunk)]
     return scores
 
 

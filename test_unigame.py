@@ -1519,12 +1519,49 @@ def test_vqa_accuracy_averages_the_ten_leave_one_out_subsets(matches, expected):
     any other, k do. 1: 9 * (1/3) / 10 = 0.3; 2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6; 3: (3 * 2/3 + 7 * 1) / 10
     = 0.9 (not min(3/3, 1) = 1); 4: every subset keeps 3 matches, 1.0."""
     answers = ["2"] * matches + ["3"] * (10 - matches)
-    assert ev.vqa_accuracy("two", answers) == pytest.approx(expected)
+    assert ev.vqa_accuracy("2", answers) == pytest.approx(expected)
 
 
-def test_vqa_accuracy_normalises_the_annotators_too_and_a_single_answer_is_exact_match():
-    assert ev.vqa_accuracy("2", ["Two", "2.", " two"] + ["3"] * 7) == pytest.approx(0.9)
-    assert ev.vqa_accuracy("The Dog.", ["dog"]) == 1.0 and ev.vqa_accuracy("dogs", ["dog"]) == 0.0
+# Tricky cases and the score each gets from the official evaluation script: computed with vqaEval.py of
+# GT-Vision-Lab/VQA (PythonEvaluationTools/vqaEvaluation, commit a013f00), run under Python 2.7 on these cases
+# as VQAv2 stores them (ten answer dicts with distinct answer_id), its evalQA read at 10 decimals.
+VQAEVAL_REFERENCE = [
+    # ten identical answers: nothing is normalised, only the ends and newlines/tabs of each answer stripped
+    ("two", ["two"] * 10, 1.0), ("Two", ["two"] * 10, 0.0), ("2", ["two"] * 10, 0.0), ("dog", ["a dog"] * 10, 0.0),
+    ("1,000", ["1000"] * 10, 0.0), (" two\n", ["two"] * 10, 1.0), ("yes.", ["yes"] * 10, 0.0), ("yes", [" yes\t"] * 10, 1.0),
+    ("t-shirt", ["t shirt"] * 10, 0.0),
+    # the annotators disagree: both sides through processPunctuation, then processDigitArticle
+    ("Two", ["two"] * 9 + ["2"], 1.0), ("a dog", ["dog"] * 3 + ["cat"] * 7, 0.9), ("1,000", ["1000"] * 5 + ["1,000"] * 5, 1.0),
+    ("yes", ["Yes"] * 5 + ["yes"] * 5, 1.0), ("The Dog.", ["dog"] * 2 + ["dogs"] * 2 + ["cat"] * 6, 0.6),
+    ("red-white", ["red white"] * 4 + ["red"] * 6, 1.0), ("yes, it is", ["yes it is"] * 3 + ["no"] * 7, 0.9),
+    ("x-ray, 2,000", ["xray 2000"] * 3 + ["no"] * 7, 0.9), ("dont", ["don't"] * 2 + ["no"] * 8, 0.6),
+    ("3.5.", ["3.5"] + ["4"] * 9, 0.3), ("none", ["0"] * 4 + ["1"] * 6, 1.0), ("t-shirt", ["t shirt"] * 9 + ["shirt"], 1.0),
+    ("somebody'd", ["somebodyd"] * 3 + ["no"] * 7, 0.9), ("an apple", ["apple"] + ["pear"] * 9, 0.3),
+    ("One", ["one"] * 2 + ["1"] + ["2"] * 7, 0.9), ("pink and white", ["pink and white", "pink & white"] + ["pink"] * 8, 0.3),
+    # min(1, matches among the other nine / 3), averaged over the ten
+    ("2", ["2"] + ["3"] * 9, 0.3), ("2", ["2"] * 2 + ["3"] * 8, 0.6), ("2", ["2"] * 3 + ["3"] * 7, 0.9), ("2", ["2"] * 4 + ["3"] * 6, 1.0),
+    # more than 32 periods: the script's re.UNICODE lands in re.sub's count, so only 32 go
+    ("yes" + "." * 40, ["yes"] * 5 + ["no"] * 5, 0.0),
+]
+
+
+@pytest.mark.parametrize("pred, answers, expected", VQAEVAL_REFERENCE)
+def test_vqa_accuracy_equals_the_official_script_case_for_case(pred, answers, expected):
+    assert ev.vqa_accuracy(pred, answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_conventions_of_lmms_eval_and_of_normalising_both_sides():
+    # lmms-eval: the prediction always through EvalAI's answer processor, the annotators' answers only when they disagree
+    for pred, answers, expected in [("Two", ["2"] * 10, 1.0), ("a dog", ["dog"] * 10, 1.0), ("1,000", ["1000"] * 10, 1.0),
+                                    ("two", ["two"] * 10, 0.0), ("Dog?", ["dog"] * 5 + ["cat"] * 5, 1.0)]:
+        assert ev.vqa_accuracy(pred, answers, "lmms_eval") == expected, (pred, answers)
+    # both sides always, as raw JSONL answers may need
+    assert ev.vqa_accuracy("2", ["two"] * 10, "normalize_both") == 1.0 and ev.vqa_accuracy("2", ["two"] * 10) == 0.0
+    assert ev.vqa_accuracy("The Dog.", ["dog"], "normalize_both") == 1.0 and ev.vqa_accuracy("dogs", ["dog"], "normalize_both") == 0.0
+    # one answer, where the script has no other annotator to count: an exact match after the convention's processing
+    assert ev.vqa_accuracy(" dog\n", ["dog"]) == 1.0 and ev.vqa_accuracy("The Dog.", ["dog"]) == 0.0
+    with pytest.raises(ValueError, match="vqa_convention='official'"):
+        ev.vqa_accuracy("dog", ["dog"], "official")
 
 
 class ScriptedModel:
