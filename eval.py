@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import checkpoint
-from data import caption_qa, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, shapes_world
+from data import (BadData, caption_qa, describe_skips, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, readable,
+                  shapes_world)
+from data import skipped as bad_samples  # what the loaders and readable skipped (skip_bad)
 from perturber import Perturber, pgd_attack, random_like
 
 # -----------------------------------------------------------------------------------------------
@@ -40,6 +42,10 @@ vqav2_annotations = ""  # path to v2_mscoco_val2014_annotations.json
 vqav2_images = ""  # folder of COCO val2014 images
 jsonl_path = ""  # a JSONL manifest: {"image", "question", "answers", "caption"?}
 skip_bad = False  # skip (count and report) unreadable samples instead of stopping
+vqa_convention = "vqaeval"  # VQA accuracy's answer processing: 'vqaeval' (the official script) | 'lmms_eval' | 'normalize_both'
+prompt_suffix = None  # after every question on a line of its own (e.g. "Answer the question using a single word or phrase.");
+#                      None: as the checkpoint was trained (its ckpt.json), else none
+answer_tokens = 16  # most tokens of a generated answer (VQAv2's answers fit in 16)
 n = 1000  # test (and ood) samples for understanding
 gen_n = 200  # test captions for generation and consistency
 adv_n = 256  # test samples attacked with PGD (each costs adv_steps forward+backward passes)
@@ -638,6 +644,9 @@ if __name__ == "__main__":
         sys.exit(0)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     t_start = time.time()
+    if vqa_convention not in VQA_CONVENTIONS or answer_tokens < 1:
+        raise SystemExit(f"config error: vqa_convention={vqa_convention!r} (one of {', '.join(map(repr, VQA_CONVENTIONS))}), "
+                         f"answer_tokens={answer_tokens} (>= 1)")
 
     if buffer:
         res = label_preservation(buffer, device)
@@ -652,6 +661,8 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     model_dir, meta, _ = locate(ckpt)
     umm = load(ckpt, device)
+    umm.answer_tokens = answer_tokens
+    umm.prompt_suffix = meta.get("config", {}).get("prompt_suffix", "") if prompt_suffix is None else prompt_suffix
     own, own_info = own_perturber(ckpt, device)
     # the attack's budget and interface: the flags, else as the checkpoint was trained
     trained = trained_budget(ckpt)
@@ -660,16 +671,21 @@ if __name__ == "__main__":
     relative = eps_relative if eps_relative is not None else trained["relative"]
     step_size = adv_step_size or 2.5 * radius / max(adv_steps, 1)  # pgd_attack's own default, recorded
 
+    already_skipped = len(bad_samples)  # in this process, before this evaluation
     if data == "shapes":
         test, ood = shapes_world("test", n, seed=seed), shapes_world("ood", n, seed=seed)
-    elif data == "vqav2":
-        if not (vqav2_questions and vqav2_annotations and vqav2_images):
+    elif data in ("vqav2", "jsonl"):
+        if data == "vqav2" and not (vqav2_questions and vqav2_annotations and vqav2_images):
             raise SystemExit("config error: data='vqav2' needs --vqav2_questions, --vqav2_annotations and --vqav2_images")
-        test = load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)[:n]
-    elif data == "jsonl":
-        if not jsonl_path:
+        if data == "jsonl" and not jsonl_path:
             raise SystemExit("config error: data='jsonl' needs --jsonl_path")
-        test = load_jsonl(jsonl_path, skip_bad=skip_bad)[:n]
+        try:  # the first n samples whose image decodes; a bad one stops here, named, or is skipped (skip_bad)
+            test = readable(load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad) if data == "vqav2"
+                            else load_jsonl(jsonl_path, skip_bad), n, skip_bad)
+            if not test:
+                raise BadData(f"no sample of {vqav2_questions if data == 'vqav2' else jsonl_path} has a readable image")
+        except BadData as e:
+            raise SystemExit(f"data error: {e}") from None
     else:
         raise SystemExit(f"config error: data={data!r}: expected 'shapes', 'vqav2' or 'jsonl'")
     captioned = test[:gen_n]
@@ -683,7 +699,7 @@ if __name__ == "__main__":
         res[key] = value
         seconds[key] = time.time() - t_axes - sum(seconds.values())
 
-    record("understanding", understanding_scores(umm, test, batch_size=batch_size))
+    record("understanding", understanding_scores(umm, test, batch_size=batch_size, convention=vqa_convention))
     if data == "shapes":
         images = generate_images(umm, captioned, cfg_scale, temperature, batch_size, seed)  # generated once, used twice
         record("generation", oracle_accuracy(images, captioned))
@@ -692,23 +708,26 @@ if __name__ == "__main__":
     else:
         for k in ("generation", "consistency", "robustness_ood"):
             skipped[k] = "needs the built-in world (captions, the oracle, the ood split)"
-    attack = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps, step_size, batch_size, seed)
+    attack = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps, step_size, batch_size, seed, convention=vqa_convention)
     attack.pop("accuracy")
     record("robustness_adv", attack.pop("scores"))
     attack = {"perturb_at": at, "eps": radius, "relative": relative, "steps": adv_steps, "step_size": step_size,
               "n": len(test[:adv_n]), **attack}
     if adv_steps_strong:
-        strong = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps_strong, None, batch_size, seed)
+        strong = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps_strong, None, batch_size, seed,
+                                      convention=vqa_convention)
         record("robustness_adv_strong", strong.pop("scores"))
         attack["strong"] = {"steps": adv_steps_strong, "codes_changed": strong["codes_changed"], "ce_attacked": strong["ce_attacked"]}
     for e in [float(x) for x in pixel_eps.split(",") if x.strip()]:
-        record(f"robustness_pixel_{e:g}", pixel_adversarial_scores(umm, test[:adv_n], e / 255, pixel_steps, batch_size, seed))
+        record(f"robustness_pixel_{e:g}", pixel_adversarial_scores(umm, test[:adv_n], e / 255, pixel_steps, batch_size, seed,
+                                                                    convention=vqa_convention))
     random_fn = random_delta(radius, relative, seed, device)
     record("understanding_random_perturb", understanding_scores(umm, test, perturbed_embed(umm, random_fn, at), batch_size,
-                                                                 desc="random perturbation"))
+                                                                 desc="random perturbation", convention=vqa_convention))
     if own is not None:
         own_view = perturbed_embed(umm, own, own_info["perturb_at"])
-        record("understanding_own_perturber", understanding_scores(umm, test, own_view, batch_size, desc="own perturber"))
+        record("understanding_own_perturber", understanding_scores(umm, test, own_view, batch_size, desc="own perturber",
+                                                                    convention=vqa_convention))
     else:
         skipped["understanding_own_perturber"] = own_info
     if at == "vq":  # how much of each perturbation survives the projection onto the codebook
@@ -722,7 +741,8 @@ if __name__ == "__main__":
     settings = {"ckpt": ckpt, "model": model_dir, "n": len(test), "gen_n": len(captioned) if data == "shapes" else 0,
                 "cfg_scale": cfg_scale, "temperature": temperature, "seed": seed, "trained_iters": meta.get("iter_num"),
                 "game": meta.get("config", {}).get("game"), "budget_from": trained["from"] if eps is None else "flags",
-                "total_s": round(time.time() - t_start, 1)}
+                "total_s": round(time.time() - t_start, 1), "vqa_convention": vqa_convention, "prompt_suffix": umm.prompt_suffix,
+                "answer_tokens": answer_tokens, "skipped_samples": len(bad_samples) - already_skipped}
     out = {**res, "data": data, "robustness_adv_attack": attack,
            "random_perturb": {"perturb_at": at, "eps": radius, "relative": relative},
            "own_perturber": own_info if own is not None else None, "skipped": skipped, "per_sample": per_sample,
@@ -743,4 +763,6 @@ if __name__ == "__main__":
     if own is not None:
         print(f"own perturber: at '{own_info['perturb_at']}', eps {own_info['eps']:.3f} of [{own_info['eps_min']}, "
               f"{own_info['eps_max']}], from {own_info['source']}")
+    if bad_samples[already_skipped:]:
+        print(describe_skips(bad_samples[already_skipped:], "when reading the data"))
     print(f"wrote {os.path.join(out_dir, 'eval.json')} in {time.time() - t_start:.0f}s")
