@@ -280,7 +280,10 @@ class BadData(ValueError):
     """A record or image that cannot be used; the message names the file and line/record."""
 
 
-skipped = []  # (source, reason) for every record any loader skipped in this process (skip_bad=True)
+SKIP_HINT = "(skip_bad=True skips and counts such samples)"  # closes the error of one bad sample
+
+
+skipped = []  # (source, reason) for every record a loader or readable() skipped in this process (skip_bad=True)
 
 
 def _keep_good(path, unit, entries, parse, skip_bad):
@@ -294,7 +297,7 @@ def _keep_good(path, unit, entries, parse, skip_bad):
             records.append(parse(number, entry))
         except BadData as e:
             if not skip_bad:
-                raise BadData(f"{path} {unit} {number}: {e}") from None
+                raise BadData(f"{path} {unit} {number}: {e} {SKIP_HINT}") from None
             bad.append((number, str(e)))
     if bad:
         skipped.extend((f"{os.path.basename(path)}:{number}", reason) for number, reason in bad)
@@ -381,9 +384,9 @@ def load_jsonl(path, skip_bad=False):
 
     def parse(n, line):
         try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadData(f"malformed JSON ({e})") from None
+            r = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as e:  # e's own "line" would count lines within this one
+            raise BadData(f"malformed JSON: {e.msg}: column {e.colno}") from None
         if not isinstance(r, dict):
             raise BadData(f"expected a JSON object, got {type(r).__name__}")
         if r.keys() - JSONL_KEYS:
@@ -428,6 +431,95 @@ def load_image(path):
     return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
 
 
+def where(source):
+    """A sample's source in words: "m.jsonl:14" -> "m.jsonl line 14"; a VQAv2 questions file's "questions.json:17"
+    -> "questions.json record 17" (the index in its question list); the world's "shapes/test/3" as it is."""
+    name, _, number = source.rpartition(":")
+    if not number.isdigit():
+        return source
+    return f"{name} {'record' if name.endswith('.json') else 'line'} {number}"
+
+
+def readable(records, n, skip_bad=False):
+    """The first n records whose image decodes (each tried once, by decoding it). One that does not raises
+    BadData naming its manifest line or record and its file, or with skip_bad is skipped: appended to
+    `skipped`, and all of them reported in one warning line. Evaluation sets go through here once, so
+    that every evaluation reads only images known to decode."""
+    good, bad = [], []
+    for r in records:
+        if len(good) == n:
+            break
+        if isinstance(r["image"], str):
+            try:
+                load_image(r["image"])
+            except BadData as e:
+                if not skip_bad:
+                    raise BadData(f"{where(r['source'])}: {e} {SKIP_HINT}") from None
+                bad.append((r["source"], str(e)))
+                continue
+        good.append(r)
+    if bad:
+        skipped.extend(bad)
+        print(f"warning: left {len(bad)} unreadable image{'s' * (len(bad) > 1)} out of evaluation "
+              f"({where(bad[0][0])}: {bad[0][1]}{'; ...' if len(bad) > 1 else ''})")
+    return good
+
+
+def held_out(records, n, seed=0):
+    """Split real records into (training, held out) with no image in both: whole images, in an order drawn
+    from `seed` alone (the same in every run, whatever its training seed), are held out until they hold at
+    least n records. An image asked about twice is never trained on under one question and evaluated on
+    under another."""
+    images = list(dict.fromkeys(r["image"] for r in records))
+    per_image = {}
+    for r in records:
+        per_image[r["image"]] = per_image.get(r["image"], 0) + 1
+    chosen, count = set(), 0
+    for i in np.random.default_rng(seed).permutation(len(images)).tolist():
+        if count >= n:
+            break
+        chosen.add(images[i])
+        count += per_image[images[i]]
+    return [r for r in records if r["image"] not in chosen], [r for r in records if r["image"] in chosen]
+
+
+def evaluation_records(dataset, records, n, skip_bad=False, vqav2_questions="", vqav2_annotations="", vqav2_images=""):
+    """train.py's evaluation samples, never trained on: (what to train on, what to evaluate on, which they are in
+    words). The world's test split; on real data VQAv2's val2014 files when given (their first n readable
+    questions), else a held-out slice of the training records (held_out: whole images, taken out of training).
+    Only images that decode are evaluated on (readable)."""
+    if dataset == "shapes":
+        return records, shapes_world("test", n, seed=0), f"{n} samples of the built-in world's test split"
+    if vqav2_questions:
+        training, candidates = records, load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad)
+        what = f"the first {{}} readable questions of {vqav2_questions}"
+    else:
+        training, candidates = held_out(records, n)
+        images = len({r["image"] for r in candidates})
+        what = (f"{{}} held-out samples: every question on {images} image{'s' * (images > 1)} is left out of training, "
+                f"which keeps {len(training)} of {len(records)} samples")
+    evaluated = readable(candidates, n, skip_bad)
+    if not evaluated:
+        raise BadData(f"no evaluation sample has a readable image ({what.format(0)})")
+    return training, evaluated, what.format(len(evaluated))
+
+
+def describe_skips(entries, when):
+    """One line, in words, on the samples skipped `when` ("in training"), from their (source, reason) pairs, one
+    pair each time a sample was met: how many distinct samples, how often they were met, the first few by
+    manifest line or record, and the first one's reason. "" when there are none."""
+    if not entries:
+        return ""
+    met = {}
+    for source, reason in entries:
+        met.setdefault(source, [0, reason])[0] += 1
+    names = [where(s) for s in met]
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    times = f", met {len(entries)} times in all" if len(entries) > len(met) else ""
+    first = next(iter(met.values()))[1]
+    return f"skipped {len(met)} bad sample{'s' * (len(met) > 1)} {when}{times}: {listed} (first: {first})"
+
+
 # -----------------------------------------------------------------------------
 # dataset, batching, loader
 
@@ -451,7 +543,7 @@ class Records(Dataset):
             return dict(r, image=load_image(r["image"]))
         except BadData as e:
             if not self.skip_bad:
-                raise
+                raise BadData(f"{where(r['source'])}: {e}") from None
             return {"source": r["source"], "bad": str(e)}
 
 

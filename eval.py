@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import checkpoint
-from data import caption_qa, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, shapes_world
+from data import (BadData, caption_qa, describe_skips, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, readable,
+                  shapes_world)
+from data import skipped as bad_samples  # what the loaders and readable skipped (skip_bad)
 from perturber import Perturber, input_gradient, pgd_attack, random_like
 
 # -----------------------------------------------------------------------------------------------
@@ -40,6 +42,10 @@ vqav2_annotations = ""  # path to v2_mscoco_val2014_annotations.json
 vqav2_images = ""  # folder of COCO val2014 images
 jsonl_path = ""  # a JSONL manifest: {"image", "question", "answers", "caption"?}
 skip_bad = False  # skip (count and report) unreadable samples instead of stopping
+vqa_convention = "vqaeval"  # VQA accuracy's answer processing: 'vqaeval' (the official script) | 'lmms_eval' | 'normalize_both'
+prompt_suffix = None  # after every question on a line of its own (e.g. "Answer the question using a single word or phrase.");
+#                      None: as the checkpoint was trained (its ckpt.json), else none
+answer_tokens = 16  # most tokens of a generated answer (VQAv2's answers fit in 16)
 n = 1000  # test (and ood) samples for understanding
 gen_n = 200  # test captions for generation and consistency
 adv_n = 256  # test samples attacked with PGD (each costs adv_steps forward+backward passes)
@@ -81,10 +87,10 @@ def _mean(xs):
 # The normalisation of the official VQA evaluation (processPunctuation, then processDigitArticle).
 
 PUNCTUATION = frozenset(';/[]"{}()=+\\_-><@`,?!')  # "." and "'" are not here: periods have their own rule
-COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d")
+COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d", re.ASCII)  # ASCII: the script is Python 2, where \d is [0-9]
 # The official pattern is "(?!<=\d)(\.)(?!\d)"; its first group is a lookahead that never fires (a typo
 # for a lookbehind), so what it does is this: drop a period unless a digit follows ("3.5" stays, "dog." goes).
-PERIOD = re.compile(r"\.(?!\d)")
+PERIOD = re.compile(r"\.(?!\d)", re.ASCII)
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = frozenset({"a", "an", "the"})
@@ -124,12 +130,13 @@ CONTRACTIONS = {
 def process_punctuation(text):
     """Each punctuation mark is deleted when it touches a space somewhere in the text ("yes, it is") or
     when the text has a comma between digits ("1,000" -> "1000"), and becomes a space otherwise
-    ("red-white" -> "red white"); then periods not followed by a digit are dropped."""
+    ("red-white" -> "red white"); then periods not followed by a digit are dropped, at most 32 of them, as
+    in the official script (its re.UNICODE lands in re.sub's count argument)."""
     strip = COMMA_BETWEEN_DIGITS.search(text) is not None
     out = text
     for p in PUNCTUATION:
         out = out.replace(p, "" if strip or p + " " in text or " " + p in text else " ")
-    return PERIOD.sub("", out)
+    return PERIOD.sub("", out, count=32)
 
 
 def process_digit_article(text):
@@ -139,28 +146,56 @@ def process_digit_article(text):
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def clean_answer(text):
+    """What the official script does to every answer first: newlines and tabs to spaces, ends stripped."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text):
-    return process_digit_article(process_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+    return process_digit_article(process_punctuation(clean_answer(text)))
 
 
-def vqa_accuracy(pred, answers):
-    """The official VQA accuracy: with the prediction and every annotator's answer normalised, the mean
-    over the leave-one-annotator-out subsets of min(#matches among the others / 3, 1) (ten subsets of
-    nine on VQAv2). A single answer is a normalised exact match.
+def evalai_answer(text):
+    """lmms-eval's EvalAI answer processor, applied to every prediction there: lower-case, commas and
+    question marks deleted, "'s" split off ("dog's" -> "dog 's"), then the normalisation above."""
+    return normalize_answer(text.lower().replace(",", "").replace("?", "").replace("'s", " 's"))
 
-    Unlike the official script, which normalises only when the annotators disagree (so that "two"
-    scores 0 against ten "2"s) and applies the digit/article step to the prediction alone (VQAv2's
-    answers are stored normalised), we normalise both sides always, so raw JSONL answers work too."""
-    p, gts = normalize_answer(pred), [normalize_answer(a) for a in answers]
+
+VQA_CONVENTIONS = ("vqaeval", "lmms_eval", "normalize_both")
+
+
+def vqa_accuracy(pred, answers, convention="vqaeval"):
+    """VQA accuracy: the mean over the leave-one-annotator-out subsets of min(#matches among the others / 3,
+    1) (ten subsets of nine on VQAv2), after one of three conventions for the answers' text:
+
+    'vqaeval' (default): the official script, vqaEval.py of the VQA API, case for case. Every answer has
+        its newlines, tabs and ends stripped; only when the annotators disagree are both sides normalised
+        (normalize_answer). With ten identical answers the comparison is verbatim: "Two" scores 0 against
+        ten "two", "dog" against ten "a dog".
+    'lmms_eval': as lmms-eval scores VQAv2: the prediction always goes through evalai_answer, the
+        annotators' answers as above.
+    'normalize_both': both sides always normalised, for raw answers that were never normalised (a JSONL
+        manifest).
+
+    A single answer (a JSONL manifest), where the script has no other annotator and would score 0, is an
+    exact match after the same processing."""
+    if convention not in VQA_CONVENTIONS:
+        raise ValueError(f"vqa_convention={convention!r}: expected one of {', '.join(map(repr, VQA_CONVENTIONS))}")
+    if convention == "normalize_both":
+        p, gts = normalize_answer(pred), [normalize_answer(a) for a in answers]
+    else:
+        p, gts = clean_answer(pred) if convention == "vqaeval" else evalai_answer(pred), [clean_answer(a) for a in answers]
+        if len(set(gts)) > 1:  # the annotators disagree
+            p, gts = normalize_answer(p), [normalize_answer(a) for a in gts]
     if len(gts) == 1:
         return float(p == gts[0])
     hits = [g == p for g in gts]
     return _mean([min((sum(hits) - h) / 3.0, 1.0) for h in hits])
 
 
-def answer_score(pred, answers, vqa=False):
-    """Exact match on the built-in world (one templated answer); the official VQA accuracy on real data."""
-    return vqa_accuracy(pred, answers) if vqa else float(pred == answers[0])
+def answer_score(pred, answers, vqa=False, convention="vqaeval"):
+    """Exact match on the built-in world (one templated answer); VQA accuracy on real data."""
+    return vqa_accuracy(pred, answers, convention) if vqa else float(pred == answers[0])
 
 
 def label(record):
@@ -171,21 +206,21 @@ def label(record):
 # ---- understanding, generation, consistency ------------------------------------------------------
 
 @torch.no_grad()
-def understanding_scores(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
+def understanding_scores(umm, records, embed=None, batch_size=64, progress=True, desc="understanding", convention="vqaeval"):
     """The answer score of each record's greedy answer: exact match on world samples, VQA accuracy on real
-    ones (attrs None). `embed` maps (pixels, questions, answers) to the understanding embeds the model answers
-    from (default: umm.image_embeds of the pixels; see perturbed_embed)."""
+    ones (attrs None; `convention`: vqa_accuracy's). `embed` maps (pixels, questions, answers) to the
+    understanding embeds the model answers from (default: umm.image_embeds of the pixels; see perturbed_embed)."""
     scores = []
     for chunk in _batches(records, batch_size, progress, desc):
         px, questions = _pixels(umm, chunk), [r["question"] for r in chunk]
         preds = umm.answer(embed(px, questions, [label(r) for r in chunk]) if embed else umm.image_embeds(px), questions)
-        scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
+        scores += [answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(preds, chunk)]
     return scores
 
 
-def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding"):
+def understanding_accuracy(umm, records, embed=None, batch_size=64, progress=True, desc="understanding", convention="vqaeval"):
     """The mean of understanding_scores."""
-    return _mean(understanding_scores(umm, records, embed, batch_size, progress, desc))
+    return _mean(understanding_scores(umm, records, embed, batch_size, progress, desc, convention))
 
 
 @torch.no_grad()
@@ -279,7 +314,7 @@ def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, 
 
 
 def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5, step_size=None, batch_size=64,
-                         seed=0, progress=True):
+                         seed=0, progress=True, convention="vqaeval"):
     """robustness_adv: accuracy under a PGD attack of budget eps at the interface `at`, a fresh one per
     batch (not the trained perturber). Returns {"accuracy", "accuracy_zero_delta", "ce_zero_delta",
     "ce_attacked"}: accuracy and mean answer cross-entropy of the same samples without and with the
@@ -295,13 +330,13 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
             for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1)):
                 emb, _, codes = umm.perturbed_view(tokens + d, at)
                 ce.extend(umm.answer_loss(emb, questions, answers).tolist())
-                acc.extend(answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(umm.answer(emb, questions), chunk))
+                acc.extend(answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(umm.answer(emb, questions), chunk))
                 changed += [umm.codes_changed(tokens, codes)] if at == "vq" and d is delta else []
     return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1),
             "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1}
 
 
-def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64, seed=0, progress=True):
+def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64, seed=0, progress=True, convention="vqaeval"):
     """Answer scores under an L-infinity PGD attack on the image itself (eps in [0, 1] pixel units, steps of
     2.5 * eps / steps by gradient sign, from a random start), straight into the understanding branch: no VQ
     model, so outside the game's threat model, a measure of how far robustness transfers."""
@@ -320,7 +355,7 @@ def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64,
             delta = (delta.detach() + 2.5 * radius / steps * grad.sign()).clamp(-radius, radius)
         with torch.no_grad():
             preds = umm.answer(umm.image_embeds((px + delta).clamp(lo, hi)), questions)
-        scores += [answer_score(p, r["answers"], vqa=r["attrs"] is None) for p, r in zip(preds, chunk)]
+        scores += [answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(preds, chunk)]
     return scores
 
 
@@ -620,6 +655,9 @@ if __name__ == "__main__":
         sys.exit(0)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     t_start = time.time()
+    if vqa_convention not in VQA_CONVENTIONS or answer_tokens < 1:
+        raise SystemExit(f"config error: vqa_convention={vqa_convention!r} (one of {', '.join(map(repr, VQA_CONVENTIONS))}), "
+                         f"answer_tokens={answer_tokens} (>= 1)")
 
     if buffer:
         res = label_preservation(buffer, device)
@@ -634,6 +672,8 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     model_dir, meta, _ = locate(ckpt)
     umm = load(ckpt, device)
+    umm.answer_tokens = answer_tokens
+    umm.prompt_suffix = meta.get("config", {}).get("prompt_suffix", "") if prompt_suffix is None else prompt_suffix
     own, own_info = own_perturber(ckpt, device)
     # the attack's budget and interface: the flags, else as the checkpoint was trained
     trained = trained_budget(ckpt)
@@ -642,16 +682,21 @@ if __name__ == "__main__":
     relative = eps_relative if eps_relative is not None else trained["relative"]
     step_size = adv_step_size or 2.5 * radius / max(adv_steps, 1)  # pgd_attack's own default, recorded
 
+    already_skipped = len(bad_samples)  # in this process, before this evaluation
     if data == "shapes":
         test, ood = shapes_world("test", n, seed=seed), shapes_world("ood", n, seed=seed)
-    elif data == "vqav2":
-        if not (vqav2_questions and vqav2_annotations and vqav2_images):
+    elif data in ("vqav2", "jsonl"):
+        if data == "vqav2" and not (vqav2_questions and vqav2_annotations and vqav2_images):
             raise SystemExit("config error: data='vqav2' needs --vqav2_questions, --vqav2_annotations and --vqav2_images")
-        test = load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad=skip_bad)[:n]
-    elif data == "jsonl":
-        if not jsonl_path:
+        if data == "jsonl" and not jsonl_path:
             raise SystemExit("config error: data='jsonl' needs --jsonl_path")
-        test = load_jsonl(jsonl_path, skip_bad=skip_bad)[:n]
+        try:  # the first n samples whose image decodes; a bad one stops here, named, or is skipped (skip_bad)
+            test = readable(load_vqav2(vqav2_questions, vqav2_annotations, vqav2_images, skip_bad) if data == "vqav2"
+                            else load_jsonl(jsonl_path, skip_bad), n, skip_bad)
+            if not test:
+                raise BadData(f"no sample of {vqav2_questions if data == 'vqav2' else jsonl_path} has a readable image")
+        except BadData as e:
+            raise SystemExit(f"data error: {e}") from None
     else:
         raise SystemExit(f"config error: data={data!r}: expected 'shapes', 'vqav2' or 'jsonl'")
     captioned = test[:gen_n]
@@ -665,7 +710,7 @@ if __name__ == "__main__":
         res[key] = value
         seconds[key] = time.time() - t_axes - sum(seconds.values())
 
-    record("understanding", understanding_scores(umm, test, batch_size=batch_size))
+    record("understanding", understanding_scores(umm, test, batch_size=batch_size, convention=vqa_convention))
     if data == "shapes":
         images = generate_images(umm, captioned, cfg_scale, temperature, batch_size, seed)  # generated once, used twice
         record("generation", oracle_accuracy(images, captioned))
@@ -674,23 +719,26 @@ if __name__ == "__main__":
     else:
         for k in ("generation", "consistency", "robustness_ood"):
             skipped[k] = "needs the built-in world (captions, the oracle, the ood split)"
-    attack = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps, step_size, batch_size, seed)
+    attack = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps, step_size, batch_size, seed, convention=vqa_convention)
     attack.pop("accuracy")
     record("robustness_adv", attack.pop("scores"))
     attack = {"perturb_at": at, "eps": radius, "relative": relative, "steps": adv_steps, "step_size": step_size,
               "n": len(test[:adv_n]), **attack}
     if adv_steps_strong:
-        strong = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps_strong, None, batch_size, seed)
+        strong = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps_strong, None, batch_size, seed,
+                                      convention=vqa_convention)
         record("robustness_adv_strong", strong.pop("scores"))
         attack["strong"] = {"steps": adv_steps_strong, "codes_changed": strong["codes_changed"], "ce_attacked": strong["ce_attacked"]}
     for e in [float(x) for x in pixel_eps.split(",") if x.strip()]:
-        record(f"robustness_pixel_{e:g}", pixel_adversarial_scores(umm, test[:adv_n], e / 255, pixel_steps, batch_size, seed))
+        record(f"robustness_pixel_{e:g}", pixel_adversarial_scores(umm, test[:adv_n], e / 255, pixel_steps, batch_size, seed,
+                                                                    convention=vqa_convention))
     random_fn = random_delta(radius, relative, seed, device)
     record("understanding_random_perturb", understanding_scores(umm, test, perturbed_embed(umm, random_fn, at), batch_size,
-                                                                 desc="random perturbation"))
+                                                                 desc="random perturbation", convention=vqa_convention))
     if own is not None:
         own_view = perturbed_embed(umm, perturber_delta(umm, own, own_info["perturb_at"]), own_info["perturb_at"])
-        record("understanding_own_perturber", understanding_scores(umm, test, own_view, batch_size, desc="own perturber"))
+        record("understanding_own_perturber", understanding_scores(umm, test, own_view, batch_size, desc="own perturber",
+                                                                    convention=vqa_convention))
     else:
         skipped["understanding_own_perturber"] = own_info
     if at == "vq":  # how much of each perturbation survives the projection onto the codebook
@@ -704,7 +752,8 @@ if __name__ == "__main__":
     settings = {"ckpt": ckpt, "model": model_dir, "n": len(test), "gen_n": len(captioned) if data == "shapes" else 0,
                 "cfg_scale": cfg_scale, "temperature": temperature, "seed": seed, "trained_iters": meta.get("iter_num"),
                 "game": meta.get("config", {}).get("game"), "budget_from": trained["from"] if eps is None else "flags",
-                "total_s": round(time.time() - t_start, 1)}
+                "total_s": round(time.time() - t_start, 1), "vqa_convention": vqa_convention, "prompt_suffix": umm.prompt_suffix,
+                "answer_tokens": answer_tokens, "skipped_samples": len(bad_samples) - already_skipped}
     out = {**res, "data": data, "robustness_adv_attack": attack,
            "random_perturb": {"perturb_at": at, "eps": radius, "relative": relative},
            "own_perturber": own_info if own is not None else None, "skipped": skipped, "per_sample": per_sample,
@@ -725,4 +774,6 @@ if __name__ == "__main__":
     if own is not None:
         print(f"own perturber: at '{own_info['perturb_at']}', eps {own_info['eps']:.3f} of [{own_info['eps_min']}, "
               f"{own_info['eps_max']}], from {own_info['source']}")
+    if bad_samples[already_skipped:]:
+        print(describe_skips(bad_samples[already_skipped:], "when reading the data"))
     print(f"wrote {os.path.join(out_dir, 'eval.json')} in {time.time() - t_start:.0f}s")

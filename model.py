@@ -168,6 +168,10 @@ class UMM(nn.Module):
         self.janus, self.tokenizer = janus, tokenizer
         self.image_mean, self.image_std, self.min_size = image_mean, image_std, min_size
         self.system_prompt = system_prompt
+        # appended to every question on a line of its own, as LLaVA-style VQA evaluation asks for short answers
+        # ("Answer the question using a single word or phrase."); train.py and eval.py set it (prompt_suffix)
+        self.prompt_suffix = ""
+        self.answer_tokens = 16  # most tokens of a generated answer (answer); VQAv2's answers fit in 16
         cfg = janus.config
         self.image_size = cfg.vision_config.image_size
         self.num_image_tokens = cfg.vision_config.num_image_tokens
@@ -332,7 +336,9 @@ class UMM(nn.Module):
 
         Tokenized with one image placeholder, which is then repeated num_image_tokens times: the
         tokenizer splits added special tokens out before BPE, so the ids are exactly those of the prompt
-        with all N placeholders, and the 576 of Janus-Pro cost 0.5 ms a prompt instead of 3.7 ms."""
+        with all N placeholders, and the 576 of Janus-Pro cost 0.5 ms a prompt instead of 3.7 ms.
+        With a prompt_suffix the user's text is the question, a newline and the suffix (lmms-eval's VQAv2 prompt)."""
+        question = f"{question}\n{self.prompt_suffix}" if self.prompt_suffix else question
         text = f"{self.system_prompt}{USER}: {BOI}{IMAGE}{EOI}\n{question.strip()}\n\n{ASSISTANT}:"
         ids = self.tokenizer(text).input_ids
         at = ids.index(self.image_id)
@@ -405,8 +411,9 @@ class UMM(nn.Module):
         return torch.zeros(len(seqs), device=self.device).index_add(0, row, ce) / n_ans_t
 
     @torch.no_grad()
-    def answer(self, image_embeds, questions, max_new_tokens=8):
-        """Greedy answers (list of str), with a KV cache."""
+    def answer(self, image_embeds, questions, max_new_tokens=None):
+        """Greedy answers (list of str), with a KV cache; at most max_new_tokens tokens (default: answer_tokens)."""
+        max_new_tokens = max_new_tokens or self.answer_tokens
         ids, mask, pos = (t.to(self.device) for t in _left_pad([self.prompt_ids(q) for q in questions], self.pad_id))
         lm, cache = self.janus.model.language_model, DynamicCache()
         embeds = self._splice(ids, image_embeds)

@@ -35,6 +35,15 @@ def any_rank(flag, device="cpu"):
     return t.item() > 0
 
 
+def gather(items):
+    """Every rank's list of JSON-able items, concatenated in rank order, on every rank (a collective)."""
+    if not active():
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def check_identical(named, when=""):
     """Debug: every rank must hold exactly rank 0's tensors `named` ({name: tensor}), bit for bit. A rank that
     drifted raises, naming itself and its first differing tensor (its error ends it, and torchrun the job)."""

@@ -370,6 +370,16 @@ def test_bad_vqav2_record(tmp_path, capsys, case):
     assert "skipped 1 bad of 3" in capsys.readouterr().out
 
 
+def test_a_malformed_jsonl_line_is_named_once_with_the_column_where_parsing_failed(tmp_path):
+    write_image(tmp_path / "ok.png")
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + '{"image": "ok.png" "question": "q?"}\n')
+    with pytest.raises(data.BadData) as e:
+        data.load_jsonl(str(path))
+    assert str(e.value) == (f"{path} line 2: malformed JSON: Expecting ',' delimiter: column 20 "
+                            "(skip_bad=True skips and counts such samples)")
+
+
 def test_malformed_json_file_names_the_file(tmp_path):
     q, a, images = write_vqav2(tmp_path)
     (tmp_path / "a.json").write_text('{"annotations": [')
@@ -399,6 +409,60 @@ def test_corrupt_images_raise_or_skip(tmp_path):
         batch = data.collate([marker, data.shapes_world("train", 1)[0]])
         assert len(batch["images"]) == 1 and batch["sources"] == ["shapes/train/0"]
         assert batch["skipped"] == [("m.jsonl:7", marker["bad"])] and path in marker["bad"]
+
+
+def two_questions_per_image(questions, annotations):
+    """write_vqav2's change: a second question on each of its three images, answered at length."""
+    for i in (1, 2, 3):
+        questions.append({"image_id": i, "question": f"what is around image {i}?", "question_id": 10 * i + 1})
+        annotations.append({"question_id": 10 * i + 1, "image_id": i, "answers": [{"answer": LONG_ANSWER, "answer_id": j + 1} for j in range(10)]})
+
+
+LONG_ANSWER = "a red circle on the left and a blue square on the right"  # 13 tokens of the test tokenizer
+
+
+def test_held_out_evaluation_takes_whole_images_out_of_training(tmp_path):
+    records = data.load_vqav2(*write_vqav2(tmp_path, two_questions_per_image))
+    training, evaluated, what = data.evaluation_records("vqav2", records, 2)
+    assert len(evaluated) == 2 and len(training) == 4 and "2 held-out samples" in what and "keeps 4 of 6" in what
+    assert {r["image"] for r in evaluated}.isdisjoint(r["image"] for r in training)  # both questions on its image are out
+    assert sorted(r["source"] for r in training + evaluated) == sorted(r["source"] for r in records)
+    assert data.evaluation_records("vqav2", records, 2)[1] == evaluated  # the same slice in every run
+    # one held-out sample asked for: its image's other question is held out too, unused
+    training, evaluated, _ = data.evaluation_records("vqav2", records, 1)
+    assert len(evaluated) == 1 and len(training) == 4
+    # the world evaluates on its own test split; VQAv2's val files when given, all their questions, none trained on
+    assert data.evaluation_records("shapes", records, 3)[1][0]["source"] == "shapes/test/0"
+    (tmp_path / "val").mkdir()
+    val = write_vqav2(tmp_path / "val")
+    training, evaluated, what = data.evaluation_records("vqav2", records, 5, False, *val)
+    assert training == records and [r["source"] for r in evaluated] == ["q.json:0", "q.json:1", "q.json:2"] and val[0] in what
+
+
+def test_an_unreadable_evaluation_image_stops_named_or_is_skipped_and_reported(tmp_path, capsys):
+    records = data.load_vqav2(*write_vqav2(tmp_path))
+    corrupt = spoil(tmp_path)[1]
+    records[1]["image"] = corrupt  # question 1's image is cut in half
+    with pytest.raises(data.BadData) as e:
+        data.readable(records, 3)
+    assert re.fullmatch(rf"q\.json record 1: {re.escape(corrupt)}: cannot decode image \(.*\) \(skip_bad=True skips and counts such samples\)",
+                        str(e.value)), str(e.value)
+    before = len(data.skipped)
+    assert [r["source"] for r in data.readable(records, 2, skip_bad=True)] == ["q.json:0", "q.json:2"]  # the next readable one
+    assert data.skipped[before:] == [("q.json:1", data.skipped[-1][1])] and corrupt in data.skipped[-1][1]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "left 1 unreadable image out of evaluation (q.json record 1:" in out
+
+
+def test_skips_are_reported_in_words_as_distinct_samples_and_how_often_they_were_met():
+    met = [("m.jsonl:14", "/d/05.png: cannot decode image"), ("m.jsonl:15", "/d/06.png: cannot decode image")] * 8
+    assert data.describe_skips(met, "in training") == ("skipped 2 bad samples in training, met 16 times in all: m.jsonl line 14, "
+                                                       "m.jsonl line 15 (first: /d/05.png: cannot decode image)")
+    assert data.describe_skips(met[:1], "when reading the data") == \
+        "skipped 1 bad sample when reading the data: m.jsonl line 14 (first: /d/05.png: cannot decode image)"
+    many = [(f"q.json:{i}", "no annotation") for i in range(5)]
+    assert data.describe_skips(many, "x").startswith("skipped 5 bad samples x: q.json record 0, q.json record 1, q.json record 2 and 2 more")
+    assert data.describe_skips([], "in training") == ""
 
 
 def decode(tmp_path, im, name, **save):
@@ -819,6 +883,50 @@ def test_understanding_prompt_equals_janus_processor_and_chat_template(tok, pro3
         # a training sequence: the template's assistant turn, closed by EOS as Janus-Pro's SFT format does
         full = proc(text=proc.apply_chat_template(chat(q, a)), images=[image]).input_ids[0].tolist()
         assert umm.prompt_ids(q) + umm.answer_ids(a) == full + [umm.eos_id]
+
+
+SUFFIX = "Answer the question using a single word or phrase."  # the Janus-Pro configs' prompt_suffix
+
+
+def test_the_prompt_suffix_sits_where_the_chat_template_puts_it(tok, pro384, tmp_path):
+    """LLaVA-style VQA prompts: the user's text is the question, a newline and the suffix (lmms-eval's VQAv2
+    prompt), laid out by the processor's chat template, in training sequences as in prompts."""
+    proc = janus_processor(tok)
+    umm = UMM(pro384.janus, tok, system_prompt=JANUS_SYSTEM_PROMPT)
+    umm.prompt_suffix = SUFFIX
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    questions = [r["question"] for r in data.load_vqav2(*write_vqav2(tmp_path, two_questions_per_image))]
+    for q in questions + ["how many shapes are there?  "]:
+        prompt = proc.apply_chat_template(chat(f"{q}\n{SUFFIX}"), add_generation_prompt=True)
+        assert umm.prompt_ids(q) == proc(text=prompt, images=[image]).input_ids[0].tolist()
+        full = proc(text=proc.apply_chat_template(chat(f"{q}\n{SUFFIX}", "a0")), images=[image]).input_ids[0].tolist()
+        assert umm.prompt_ids(q) + umm.answer_ids("a0") == full + [umm.eos_id]
+    text = tok.decode(umm.prompt_ids(questions[0]))
+    assert text.index(f"{questions[0]}\n{SUFFIX}") < text.index(ASSISTANT)
+    umm.prompt_suffix = ""
+    assert SUFFIX not in tok.decode(umm.prompt_ids(questions[0]))
+
+
+def test_a_long_answer_is_not_cut(tok, tmp_path):
+    """VQAv2's answers can run past 8 tokens: a tiny Janus taught one answer of 13 tokens on VQAv2-layout files
+    gives it whole under the default cap (answer_tokens, 16), and scores 1; a cap of 8 would cut it."""
+    record = data.load_vqav2(*write_vqav2(tmp_path, two_questions_per_image))[3]  # image 1's second question
+    assert record["answers"] == [LONG_ANSWER] * 10
+    umm = tiny(tok, seed=1)
+    umm.prompt_suffix = SUFFIX
+    assert len(umm.answer_ids(LONG_ANSWER)) - 1 == 13  # without EOS
+    px = umm.preprocess([data.load_image(record["image"])])
+    opt = torch.optim.Adam(umm.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = umm.answer_loss(umm.image_embeds(px), [record["question"]], [LONG_ANSWER]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        emb = umm.image_embeds(px)
+    assert umm.answer(emb, [record["question"]]) == [LONG_ANSWER]
+    assert ev.understanding_accuracy(umm, [record], progress=False) == 1.0
+    assert umm.answer(emb, [record["question"]], max_new_tokens=8) == [" ".join(LONG_ANSWER.split()[:8])]
 
 
 def test_generation_prompt_equals_janus_processor_in_image_mode(tok, pro384):
@@ -1314,7 +1422,8 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
     code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--max_iters=0",
                          "--hard_bs=-1", "--q_hard=1.5", "--eps_min=0.2", "--eps_max=0.1", "--lora_r=0", "--mine=draw",
                          "--export_dtype=float8", "--train_n=8", "--batch_size=16", "--debug_nan_at=x", "--max_bad_steps=0",
-                         "--train_modules=vision,ears", f"--init_from={tmp_path / 'nothing'}"])
+                         "--train_modules=vision,ears", f"--init_from={tmp_path / 'nothing'}", "--answer_tokens=0",
+                         "--eval_vqav2_questions=val.json"])
     assert code != 0 and "Traceback" not in out, out[-3000:]
     for message in ["max_iters=0: must be >= 1", "hard_bs=-1: must be >= 0", "q_hard=1.5: a quantile, must lie in [0, 1]",
                     "eps_min=0.2, eps_init=0.15, eps_max=0.1: need 0 <= eps_min < eps_init < eps_max",
@@ -1323,6 +1432,7 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
                     "train_n=8: fewer samples than one global batch, batch_size*world_size=16*1",
                     "train_modules='vision,ears': unknown part(s) ['ears']",
                     "debug_nan_at='x': expected a comma list of iterations", "max_bad_steps=0: must be >= 1",
+                    "answer_tokens=0: must be >= 1", "evaluation on VQAv2 val needs real data, the files eval_vqav2_questions='val.json'",
                     f"init_from='{tmp_path / 'nothing'}': expected 'resume' or a Hugging Face model directory"]:
         assert f"config error: {message}" in out, (message, out[-3000:])
     assert not (tmp_path / "out").exists()  # stopped before anything was written
@@ -1494,12 +1604,16 @@ def test_the_log_tells_whether_the_game_is_played(small_dir, tmp_path, adversary
 
 def test_janus_pro_7b_config_runs_on_a_small_janus_pro_and_exports_model_and_perturber(tok, pro128, tmp_path):
     """The 7B configuration end to end on VQAv2-format files, with only the paths and sizes overridden:
-    aligner tokens, an absolute budget, gradient checkpointing; then the export."""
+    aligner tokens, an absolute budget, gradient checkpointing, evaluation on the val files with the short-answer
+    prompt; then the export."""
     pro128.save_pretrained(tmp_path / "base")
     (tmp_path / "vqa").mkdir()
-    q, a, images = write_vqav2(tmp_path / "vqa")
+    (tmp_path / "val").mkdir()
+    q, a, images = write_vqav2(tmp_path / "vqa", two_questions_per_image)  # 6 questions: 3 batches of 2 an epoch
+    val = write_vqav2(tmp_path / "val")
     argv = [JANUS_PRO_CONFIGS[1], f"--init_from={tmp_path / 'base'}", f"--vqav2_questions={q}", f"--vqav2_annotations={a}",
             f"--vqav2_images={images}", f"--out_dir={tmp_path / 'out'}", f"--export_dir={tmp_path / 'export'}",
+            f"--eval_vqav2_questions={val[0]}", f"--eval_vqav2_annotations={val[1]}", f"--eval_vqav2_images={val[2]}",
             "--batch_size=2", "--hard_bs=2", "--max_iters=2", "--eval_n=2", "--log_interval=1", "--num_workers=0",
             "--tau=-1.0",
             "--device=cpu", "--dtype=float32", "--compile=False", "--threads=1"]
@@ -1508,6 +1622,11 @@ def test_janus_pro_7b_config_runs_on_a_small_janus_pro_and_exports_model_and_per
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [x for x in read_log(tmp_path / "out") if "adv" in x]
     assert [x["iter"] for x in steps] == [1, 2] and all(0 < x["eps"] < 0.02 for x in steps)
+    assert f"evaluating on the first 2 readable questions of {val[0]}" in r.stdout
+    assert read_log(tmp_path / "out")[-1]["summary"]["eval_set"] == f"the first 2 readable questions of {val[0]}"
+    assert json.load(open(tmp_path / "out" / "ckpt" / "rank0.json"))["data_position"] == [0, 2]  # all 6 trained on
+    config = json.load(open(tmp_path / "out" / "ckpt" / "ckpt.json"))["config"]
+    assert (config["prompt_suffix"], config["answer_tokens"]) == (SUFFIX, 16)
     JanusForConditionalGeneration.from_pretrained(tmp_path / "export")
     for d in (tmp_path / "export", tmp_path / "out" / "ckpt" / "model"):
         perturber, meta = load_perturber(str(d))
@@ -1541,12 +1660,49 @@ def test_vqa_accuracy_averages_the_ten_leave_one_out_subsets(matches, expected):
     any other, k do. 1: 9 * (1/3) / 10 = 0.3; 2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6; 3: (3 * 2/3 + 7 * 1) / 10
     = 0.9 (not min(3/3, 1) = 1); 4: every subset keeps 3 matches, 1.0."""
     answers = ["2"] * matches + ["3"] * (10 - matches)
-    assert ev.vqa_accuracy("two", answers) == pytest.approx(expected)
+    assert ev.vqa_accuracy("2", answers) == pytest.approx(expected)
 
 
-def test_vqa_accuracy_normalises_the_annotators_too_and_a_single_answer_is_exact_match():
-    assert ev.vqa_accuracy("2", ["Two", "2.", " two"] + ["3"] * 7) == pytest.approx(0.9)
-    assert ev.vqa_accuracy("The Dog.", ["dog"]) == 1.0 and ev.vqa_accuracy("dogs", ["dog"]) == 0.0
+# Tricky cases and the score each gets from the official evaluation script: computed with vqaEval.py of
+# GT-Vision-Lab/VQA (PythonEvaluationTools/vqaEvaluation, commit a013f00), run under Python 2.7 on these cases
+# as VQAv2 stores them (ten answer dicts with distinct answer_id), its evalQA read at 10 decimals.
+VQAEVAL_REFERENCE = [
+    # ten identical answers: nothing is normalised, only the ends and newlines/tabs of each answer stripped
+    ("two", ["two"] * 10, 1.0), ("Two", ["two"] * 10, 0.0), ("2", ["two"] * 10, 0.0), ("dog", ["a dog"] * 10, 0.0),
+    ("1,000", ["1000"] * 10, 0.0), (" two\n", ["two"] * 10, 1.0), ("yes.", ["yes"] * 10, 0.0), ("yes", [" yes\t"] * 10, 1.0),
+    ("t-shirt", ["t shirt"] * 10, 0.0),
+    # the annotators disagree: both sides through processPunctuation, then processDigitArticle
+    ("Two", ["two"] * 9 + ["2"], 1.0), ("a dog", ["dog"] * 3 + ["cat"] * 7, 0.9), ("1,000", ["1000"] * 5 + ["1,000"] * 5, 1.0),
+    ("yes", ["Yes"] * 5 + ["yes"] * 5, 1.0), ("The Dog.", ["dog"] * 2 + ["dogs"] * 2 + ["cat"] * 6, 0.6),
+    ("red-white", ["red white"] * 4 + ["red"] * 6, 1.0), ("yes, it is", ["yes it is"] * 3 + ["no"] * 7, 0.9),
+    ("x-ray, 2,000", ["xray 2000"] * 3 + ["no"] * 7, 0.9), ("dont", ["don't"] * 2 + ["no"] * 8, 0.6),
+    ("3.5.", ["3.5"] + ["4"] * 9, 0.3), ("none", ["0"] * 4 + ["1"] * 6, 1.0), ("t-shirt", ["t shirt"] * 9 + ["shirt"], 1.0),
+    ("somebody'd", ["somebodyd"] * 3 + ["no"] * 7, 0.9), ("an apple", ["apple"] + ["pear"] * 9, 0.3),
+    ("One", ["one"] * 2 + ["1"] + ["2"] * 7, 0.9), ("pink and white", ["pink and white", "pink & white"] + ["pink"] * 8, 0.3),
+    # min(1, matches among the other nine / 3), averaged over the ten
+    ("2", ["2"] + ["3"] * 9, 0.3), ("2", ["2"] * 2 + ["3"] * 8, 0.6), ("2", ["2"] * 3 + ["3"] * 7, 0.9), ("2", ["2"] * 4 + ["3"] * 6, 1.0),
+    # more than 32 periods: the script's re.UNICODE lands in re.sub's count, so only 32 go
+    ("yes" + "." * 40, ["yes"] * 5 + ["no"] * 5, 0.0),
+]
+
+
+@pytest.mark.parametrize("pred, answers, expected", VQAEVAL_REFERENCE)
+def test_vqa_accuracy_equals_the_official_script_case_for_case(pred, answers, expected):
+    assert ev.vqa_accuracy(pred, answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_conventions_of_lmms_eval_and_of_normalising_both_sides():
+    # lmms-eval: the prediction always through EvalAI's answer processor, the annotators' answers only when they disagree
+    for pred, answers, expected in [("Two", ["2"] * 10, 1.0), ("a dog", ["dog"] * 10, 1.0), ("1,000", ["1000"] * 10, 1.0),
+                                    ("two", ["two"] * 10, 0.0), ("Dog?", ["dog"] * 5 + ["cat"] * 5, 1.0)]:
+        assert ev.vqa_accuracy(pred, answers, "lmms_eval") == expected, (pred, answers)
+    # both sides always, as raw JSONL answers may need
+    assert ev.vqa_accuracy("2", ["two"] * 10, "normalize_both") == 1.0 and ev.vqa_accuracy("2", ["two"] * 10) == 0.0
+    assert ev.vqa_accuracy("The Dog.", ["dog"], "normalize_both") == 1.0 and ev.vqa_accuracy("dogs", ["dog"], "normalize_both") == 0.0
+    # one answer, where the script has no other annotator to count: an exact match after the convention's processing
+    assert ev.vqa_accuracy(" dog\n", ["dog"]) == 1.0 and ev.vqa_accuracy("The Dog.", ["dog"]) == 0.0
+    with pytest.raises(ValueError, match="vqa_convention='official'"):
+        ev.vqa_accuracy("dog", ["dog"], "official")
 
 
 class ScriptedModel:
@@ -1791,6 +1947,26 @@ def test_eval_writes_every_axis_as_a_fraction_with_the_attack_recorded(small_dir
     assert all(k in stdout for k in axes)
 
 
+def test_eval_on_a_manifest_stops_at_an_unreadable_image_named_or_skips_it_and_counts_it(small_dir, tmp_path, monkeypatch, capsys):
+    manifest, _ = shapes_manifest(tmp_path, 5)
+    (path,) = spoil_lines(tmp_path, [2])
+    fake_run(tmp_path / "run", model=small_dir, prompt_suffix=SUFFIX)  # trained with the short-answer suffix
+    argv = ["eval.py", f"--ckpt={tmp_path / 'run'}", f"--out_dir={tmp_path / 'ev'}", "--data=jsonl", f"--jsonl_path={manifest}",
+            "--n=3", "--adv_n=2", "--adv_steps=1", "--batch_size=4", "--device=cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(HERE, "eval.py"), run_name="__main__")
+    assert re.fullmatch(rf"data error: m\.jsonl line 2: {re.escape(path)}: cannot decode image .* "
+                        r"\(skip_bad=True skips and counts such samples\)", str(e.value)), str(e.value)
+    monkeypatch.setattr(sys, "argv", argv + ["--skip_bad=True"])
+    runpy.run_path(os.path.join(HERE, "eval.py"), run_name="__main__")
+    out = json.load(open(tmp_path / "ev" / "eval.json"))
+    assert len(out["per_sample"]["understanding"]) == 3 and out["settings"]["n"] == 3  # lines 1, 3, 4: the first 3 readable
+    assert (out["settings"]["prompt_suffix"], out["settings"]["vqa_convention"], out["settings"]["answer_tokens"]) == (SUFFIX, "vqaeval", 16)
+    assert out["settings"]["skipped_samples"] == 1
+    assert f"skipped 1 bad sample when reading the data: m.jsonl line 2 (first: {path}: cannot decode image" in capsys.readouterr().out
+
+
 # ================================================================================================
 # checkpoints and faults: checkpoint.py through train.py: resume, kills, corrupt files, NaN, bad data, no pickles
 # The faults a long run must survive, each tried for real on train.py with tiny settings (train_cmd, run_cmd:
@@ -1933,33 +2109,61 @@ def test_a_checkpoint_is_never_written_with_non_finite_values_and_the_previous_o
 
 # ---------------------------------------------------------------- bad data mid-epoch
 
-def shapes_manifest(folder, n_good, n_corrupt):
-    """A JSONL manifest of n_good shapes-world PNGs, then n_corrupt images that are listed and exist but do not
-    decode (a text file named .png, a truncated PNG): found bad only when the loader reaches them mid-epoch.
-    They come last, so the evaluation samples (the first eval_n) are good."""
+def shapes_manifest(folder, n):
+    """A JSONL manifest of n shapes-world PNGs, one a line, and the numbers of the lines train.py holds out for
+    evaluation with eval_n=4 (TINY): data.held_out's choice, which depends only on the manifest's images."""
     lines = []
-    for i, s in enumerate(data.shapes_world("train", n_good, seed=0)):
+    for i, s in enumerate(data.shapes_world("train", n, seed=0)):
         Image.fromarray(s["image"].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
         lines.append({"image": f"{i}.png", "question": s["question"], "answers": s["answers"], "caption": s["caption"]})
-    png = (folder / "0.png").read_bytes()
-    for j in range(n_corrupt):
-        (folder / f"corrupt{j}.png").write_bytes(b"not an image" if j % 2 == 0 else png[:len(png) // 2])
-        lines.append({**lines[j], "image": f"corrupt{j}.png"})
     (folder / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return folder / "m.jsonl"
+    held = data.held_out(data.load_jsonl(str(folder / "m.jsonl")), 4)[1]
+    return folder / "m.jsonl", [int(r["source"].split(":")[1]) for r in held]
 
 
-def test_corrupt_images_mid_epoch_are_skipped_and_counted_or_stop_the_run_named(small_dir, tmp_path):
-    manifest = shapes_manifest(tmp_path, 14, 2)  # 16 samples: the 4 steps of one epoch meet both corrupt ones
-    args = ["--dataset=jsonl", f"--jsonl_path={manifest}", "--max_iters=4"]
+def spoil_lines(folder, lines):
+    """Spoil the images of these manifest lines where they lie, so that they are found bad only when read:
+    a text file named .png, then a PNG cut in half, by turns. Returns their paths."""
+    paths = []
+    for j, n in enumerate(lines):
+        path = folder / f"{n - 1}.png"
+        png = path.read_bytes()
+        path.write_bytes(b"not an image" if j % 2 == 0 else png[:len(png) // 2])
+        paths.append(str(path))
+    return paths
+
+
+def test_corrupt_images_mid_epoch_are_skipped_and_counted_once_each_or_stop_the_run_named(small_dir, tmp_path):
+    manifest, held = shapes_manifest(tmp_path, 16)  # 12 samples train: 3 steps an epoch
+    bad = [n for n in range(1, 17) if n not in held][:2]
+    paths = spoil_lines(tmp_path, bad)
+    args = ["--dataset=jsonl", f"--jsonl_path={manifest}"]
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "skip", *args, "--max_iters=6", "--skip_bad=True"))  # two epochs
+    assert code == 0, out[-3000:]
+    assert "evaluating on 4 held-out samples: every question on 4 images is left out of training, which keeps 12 of 16" in out
+    assert f"skipped 2 bad samples in training, met 4 times in all: m.jsonl line {bad[0]}, m.jsonl line {bad[1]} (first: " \
+           f"{paths[0]}: cannot decode image" in out, out[-3000:]
+    assert [r["skipped"] for r in read_log(tmp_path / "skip") if "loss" in r][-1] == 4
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "stop", *args, "--max_iters=3"))  # skip_bad=False
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    assert re.fullmatch(rf"data error: m\.jsonl line ({bad[0]}|{bad[1]}): {re.escape(str(tmp_path))}/\d+\.png: cannot decode image .* "
+                        r"\(skip_bad=True skips and counts such samples\)", last_line(out)), out[-1000:]
+
+
+def test_a_corrupt_image_in_the_evaluation_slice_is_left_out_and_counted_or_stops_the_run_named(small_dir, tmp_path):
+    manifest, held = shapes_manifest(tmp_path, 16)
+    (path,) = spoil_lines(tmp_path, held[1:2])
+    args = ["--dataset=jsonl", f"--jsonl_path={manifest}", "--max_iters=1", "--eval_adv_steps=0"]
+    code, out = run_cmd(train_cmd(small_dir, tmp_path / "stop", *args))  # skip_bad=False: stops before any evaluation or training
+    assert code != 0 and "Traceback" not in out and not (tmp_path / "stop" / "log.jsonl").exists(), out[-3000:]
+    assert re.fullmatch(rf"data error: m\.jsonl line {held[1]}: {re.escape(path)}: cannot decode image .* "
+                        r"\(skip_bad=True skips and counts such samples\)", last_line(out)), out[-1000:]
     code, out = run_cmd(train_cmd(small_dir, tmp_path / "skip", *args, "--skip_bad=True"))
     assert code == 0, out[-3000:]
-    assert "skipped 2 unreadable images in training" in out and "corrupt0.png" in out
-    assert [r["skipped"] for r in read_log(tmp_path / "skip") if "loss" in r][-1] == 2
-    code, out = run_cmd(train_cmd(small_dir, tmp_path / "stop", *args))  # skip_bad=False
-    assert code != 0 and "Traceback" not in out, out[-3000:]
-    assert re.fullmatch(rf"data error: {re.escape(str(tmp_path))}/corrupt[01]\.png: cannot decode image .* "
-                        r"\(skip_bad=True skips and counts such samples\)", last_line(out)), out[-1000:]
+    assert f"left 1 unreadable image out of evaluation (m.jsonl line {held[1]}: {path}: cannot decode image" in out
+    assert f"skipped 1 bad sample when reading the data: m.jsonl line {held[1]} (first: {path}: cannot decode image" in out
+    assert "accuracy on 3 eval samples" in out
+    assert read_log(tmp_path / "skip")[-1]["summary"]["eval_set"].startswith("3 held-out samples")
 
 
 # ---------------------------------------------------------------- no pickles
@@ -1995,11 +2199,12 @@ def test_ddp_checkpoints_hold_each_ranks_own_state_and_resume_with_ranks_in_agre
 
 
 def test_a_failing_ddp_rank_brings_the_job_down_with_its_error_instead_of_hanging(small_dir, tmp_path):
-    manifest = shapes_manifest(tmp_path, 15, 1)  # 16 samples, 8 a rank: one rank meets the corrupt image, one does not
+    manifest, held = shapes_manifest(tmp_path, 20)  # 16 samples train, 8 a rank: one rank meets the corrupt image, one does not
+    (path,) = spoil_lines(tmp_path, [min(set(range(1, 21)) - set(held))])
     start = time.time()
     code, out = run_cmd(train_cmd(small_dir, tmp_path / "out", "--dataset=jsonl", f"--jsonl_path={manifest}", "--max_iters=2",
                                   "--ddp_timeout_s=600", nproc=2), timeout=240)
-    assert code != 0 and f"data error: {tmp_path}/corrupt0.png: cannot decode image" in out, out[-3000:]
+    assert code != 0 and f": {path}: cannot decode image" in out and "data error: m.jsonl line " in out, out[-3000:]
     assert time.time() - start < 200  # torchrun stopped the waiting rank; it did not sit out its 600 s timeout
 
 

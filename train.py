@@ -50,6 +50,9 @@ train_n = 20000  # samples of the built-in world's train split
 vqav2_questions = vqav2_annotations = vqav2_images = ""  # VQAv2's train2014 questions and annotations JSON; COCO's image folder
 jsonl_path = ""  # a JSONL manifest: {"image", "question", "answers", "caption"?}
 skip_bad = False  # skip (count and report) unreadable samples instead of stopping
+eval_vqav2_questions = eval_vqav2_annotations = eval_vqav2_images = ""  # VQAv2's val2014 files, evaluated on; '': a held-out slice of the training data
+prompt_suffix = ""  # after every question, on a line of its own: "Answer the question using a single word or phrase." asks for VQA's short answers
+answer_tokens = 16  # most tokens of a generated answer when evaluating (VQAv2's answers fit in 16)
 num_workers = 0
 # model
 lora_r, lora_alpha, lora_dropout = 16, 32, 0.05  # lora_r 0: no LoRA; else its rank on the LM projections (q, k, v, o, gate, up, down)
@@ -118,8 +121,9 @@ try:
 except ValueError:
     debug_nan = None
 n_procs, floats = int(os.environ.get("WORLD_SIZE", 1)), ("float32", "float16", "bfloat16")
+evaluate_on = (eval_vqav2_questions, eval_vqav2_annotations, eval_vqav2_images)  # VQAv2 val, or '' (a held-out slice of the training data)
 at_least = dict(max_iters=1, batch_size=1, hard_bs=0, lora_r=0, cand_k=1, hard_topk=1, mine_stride=1, buffer_capacity=1, eval_n=1,
-                log_interval=1, ckpt_interval=0, max_bad_steps=1, eval_interval=0, ddp_check_interval=0, num_workers=0, threads=0)
+                log_interval=1, ckpt_interval=0, max_bad_steps=1, eval_interval=0, ddp_check_interval=0, num_workers=0, threads=0, answer_tokens=1)
 problems = [f"{k}={globals()[k]}: must be >= {least}" for k, least in at_least.items() if globals()[k] < least]
 choices = dict(perturb_at=("vq", "aligner"), mine=("decode", "generate"), buffer_rule=("consistent", "published"),
                adversary=("learned", "random", "pgd"), perturber_sees=("token", "grad"), dataset=("shapes", "vqav2", "jsonl"), dtype=floats, load_dtype=floats, export_dtype=floats)
@@ -140,6 +144,9 @@ problems += [msg for bad, msg in [
     (dataset == "jsonl" and not os.path.isfile(jsonl_path), f"dataset='jsonl': jsonl_path={jsonl_path!r} is not a file"),
     (dataset == "vqav2" and not (os.path.isfile(vqav2_questions) and os.path.isfile(vqav2_annotations) and os.path.isdir(vqav2_images)),
      f"dataset='vqav2': need the files vqav2_questions={vqav2_questions!r}, vqav2_annotations={vqav2_annotations!r} and the folder vqav2_images={vqav2_images!r}"),
+    (any(evaluate_on) and not (dataset != "shapes" and os.path.isfile(evaluate_on[0]) and os.path.isfile(evaluate_on[1]) and os.path.isdir(evaluate_on[2])),
+     f"evaluation on VQAv2 val needs real data, the files eval_vqav2_questions={evaluate_on[0]!r}, eval_vqav2_annotations={evaluate_on[1]!r} "
+     f"and the folder eval_vqav2_images={evaluate_on[2]!r} (or all three '': evaluate on a held-out slice of the training data)"),
     (init_from == "scratch", "init_from='scratch': a model from scratch is built by assets/build_base.py; train.py post-trains one"),
     (init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(init_from, "config.json")),
      f"init_from={init_from!r}: expected 'resume' or a Hugging Face model directory (it has no config.json)"),
@@ -188,9 +195,12 @@ if game:  # what the weights hold, read from the safetensors headers before load
 # ---- data -------------------------------------------------------------------------------------
 try:  # real files: a bad record stops the run with its file and line named (or is skipped: skip_bad)
     records = data.training_records(dataset, train_n, vqav2_questions, vqav2_annotations, vqav2_images, jsonl_path, skip_bad)
+    # evaluation never reads a training sample: VQAv2 val when given, else a held-out slice (whole images) of the training data
+    records, eval_records, eval_set = data.evaluation_records(dataset, records, eval_n, skip_bad, *evaluate_on)
 except data.BadData as e:
     raise SystemExit(f"data error: {e}") from None
-eval_records = data.shapes_world("test", eval_n, seed=0) if dataset == "shapes" else records[:eval_n]  # VQAv2 val: eval.py
+if master:
+    print(f"evaluating on {eval_set}")
 if len(records) < batch_size * world_size:
     raise SystemExit(f"config error: {len(records)} training samples, fewer than batch_size*world_size={batch_size * world_size}")
 if w_gen and not all(r["caption"] for r in records):
@@ -201,6 +211,7 @@ loader = data.make_loader(data.Records(records, skip_bad=skip_bad), batch_size, 
 
 # ---- the model: the understanding player ---------------------------------------------------------
 umm = UMM.from_pretrained(base, dtype=getattr(torch, load_dtype)).to(device)
+umm.prompt_suffix, umm.answer_tokens = prompt_suffix, answer_tokens
 if gradient_checkpointing:
     umm.gradient_checkpointing_enable()
 params = umm.set_trainable(chosen, lora_r, lora_alpha, lora_dropout)  # named parts fully, and LoRA on the LM
@@ -498,13 +509,11 @@ while iter_num < max_iters:
 bar.close()
 
 # ---- the end report -----------------------------------------------------------------------------
-n_skipped = torch.tensor(len(skipped), device=device)
-if ddp:  # every rank skips its own
-    dist.all_reduce(n_skipped)
+skipped_by_all = ranks.gather(skipped)  # every rank meets its own
 if master:
-    if n_skipped or data.skipped:  # images that did not decode in training | records dropped when the data was read
-        print(f"skipped {n_skipped.item()} unreadable images in training{f' (first: {skipped[:3]})' if skipped else ''}"
-              f" and {len(data.skipped)} bad records when reading the data")
+    for line in (data.describe_skips(skipped_by_all, "in training"), data.describe_skips(data.skipped, "when reading the data")):
+        if line:
+            print(line)
     if bad_steps:
         print(f"skipped the updates of {bad_steps} steps with non-finite losses or gradients (see {log_path})")
     if export_dir:
@@ -517,6 +526,6 @@ if master:
     print(f"{'accuracy on ' + str(len(eval_records)) + ' eval samples':<34}{'before':>8}{'after':>8}")
     for k in after:
         print(f"{k:<34}{before[k] if before else float('nan'):>8.3f}{after[k]:>8.3f}")
-    log(iter=iter_num, summary={"before": before, "after": after})
+    log(iter=iter_num, summary={"before": before, "after": after, "eval_set": eval_set})
 if ddp:
     dist.destroy_process_group()

@@ -8,6 +8,10 @@ init_from = "checkpoints/Janus-Pro-1B"  # a local Hugging Face directory (e.g. d
 vqav2_questions = "data/vqav2/v2_OpenEnded_mscoco_train2014_questions.json"
 vqav2_annotations = "data/vqav2/v2_mscoco_train2014_annotations.json"
 vqav2_images = "data/vqav2/train2014"  # COCO_train2014_000000xxxxxx.jpg
+# evaluated on, never trained on (all three '': a held-out slice of the training data instead)
+eval_vqav2_questions = "data/vqav2/v2_OpenEnded_mscoco_val2014_questions.json"
+eval_vqav2_annotations = "data/vqav2/v2_mscoco_val2014_annotations.json"
+eval_vqav2_images = "data/vqav2/val2014"  # COCO_val2014_000000xxxxxx.jpg
 out_dir = "out/unigame-janus-pro-1b"
 export_dir = "out/unigame-janus-pro-1b/export"  # merged model (HF format) + perturber.safetensors/.json
 export_dtype = "bfloat16"
@@ -16,6 +20,8 @@ export_dtype = "bfloat16"
 dataset = "vqav2"
 skip_bad = True  # an unreadable COCO image is skipped and counted, not fatal, in a long multi-GPU run
 num_workers = 4  # JPEG decoding per process
+prompt_suffix = "Answer the question using a single word or phrase."  # after each question: asks for VQA's short answers (LLaVA-style)
+answer_tokens = 16  # most tokens of a generated answer (VQAv2's fit)
 
 # ---- what trains: LoRA on the LM projections, as published ----
 lora_r = 16
