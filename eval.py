@@ -8,6 +8,9 @@ consistency, robustness (ood split, and a fresh PGD attack at the game's interfa
     python eval.py --compare "out/eval-sft-s*" "out/eval-unigame-s*"    # each glob's runs averaged: mean ± std
     python eval.py --compare "out/sft-s*" "out/pgd-s*" --plot=cost.png   # and robustness_adv against training CPU s/step
     python eval.py --buffer=out/unigame                                 # label-preservation rate of its hard buffer
+    python eval.py --ckpt=out/unigame --show=out/show                    # pictures: samples.png, buffer.png (pictures.py)
+    python eval.py --curves=out/unigame --show=out/show                  # curves.png (+ hardness.png with --mine_log=True)
+    python eval.py --compare "out/sft-s*" "out/unigame-s*" --bars=bars.png  # the table as bars, with the seeds' spread
 
 --ckpt is a Hugging Face directory (assets/shapes-base, an export), a training checkpoint (out/x/ckpt,
 whose model/ is used) or a training out_dir (out/x). Writes out_dir/eval.json and prints a table.
@@ -64,6 +67,9 @@ pixel_eps = ""  # comma list of L-inf budgets on the image itself, in /255 (e.g.
 pixel_steps = 10
 adv_step_size = 0.0  # per PGD step, in the units of eps; 0: 2.5 * eps / adv_steps (crosses the ball more than once)
 buffer = ""  # a training out_dir: report the label-preservation rate of its hard buffer instead of evaluating
+show = ""  # a folder: draw samples.png there (and buffer.png for a training out_dir) instead of evaluating (pictures.py)
+show_n = 8  # samples in samples.png, and items in buffer.png
+curves = ""  # a training out_dir (or its log.jsonl): draw its curves (and its mining log's hardness) into --show, else --out_dir
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------------------------
@@ -578,7 +584,7 @@ def plot_cost(groups, key, path):
     im.save(path)
 
 
-def compare(patterns, plot=""):
+def compare(patterns, plot="", bars=""):
     """A table of the eval.json figures of several runs side by side, deltas against the first column.
     Each argument is a directory holding eval.json (or the file itself) or a glob of them; a glob's
     runs are averaged: mean ± sample standard deviation, over the runs that have the figure."""
@@ -644,6 +650,9 @@ def compare(patterns, plot=""):
                       for r in rows)
     if plot:  # --compare ... --plot=file.png: robustness against training cost, one point per group
         plot_cost(groups, "robustness_adv", plot)
+    if bars:  # --compare ... --bars=file.png: the table as bars, the seeds' spread drawn (pictures.py, matplotlib)
+        import pictures
+        pictures.draw_bars(groups, bars)
     return table + ("\n\npaired differences, mean [95 % bootstrap interval over samples]:\n" + "\n".join(paired) if paired else "")
 
 
@@ -651,7 +660,8 @@ def compare(patterns, plot=""):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--compare"]:  # before the configurator, which would read the directories as config files
         plot = [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--plot=")]
-        print(compare([a for a in sys.argv[2:] if not a.startswith("--plot=")], plot[0] if plot else ""))
+        bars = [a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--bars=")]
+        print(compare([a for a in sys.argv[2:] if not a.startswith(("--plot=", "--bars="))], plot[0] if plot else "", bars[0] if bars else ""))
         sys.exit(0)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     t_start = time.time()
@@ -667,6 +677,11 @@ if __name__ == "__main__":
         for k, v in res.items():
             print(f"{k:<22}{v:.3f}" if isinstance(v, float) else f"{k:<22}{v}")
         print(f"wrote {path}")
+        sys.exit(0)
+    if curves:  # a run's curves from its log.jsonl (pictures.py)
+        import pictures
+        for path in pictures.curves(curves, show or out_dir):
+            print(f"wrote {path}")
         sys.exit(0)
 
     torch.manual_seed(seed)
@@ -700,6 +715,12 @@ if __name__ == "__main__":
     else:
         raise SystemExit(f"config error: data={data!r}: expected 'shapes', 'vqav2' or 'jsonl'")
     captioned = test[:gen_n]
+    if show:  # pictures instead of figures (pictures.py): the same budget as the attack below
+        import pictures
+        for path in pictures.show(umm, ckpt, test[:show_n], show, own, own_info["perturb_at"] if own is not None else at, at,
+                                  radius, relative, adv_steps, step_size, cfg_scale, temperature, seed, show_n):
+            print(f"wrote {path}")
+        sys.exit(0)
 
     res, skipped, seconds, per_sample = {}, {}, {}, {}
     t_axes = time.time()

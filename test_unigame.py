@@ -28,6 +28,7 @@ from transformers.models.janus.image_processing_pil_janus import JanusImageProce
 import checkpoint
 import data
 import eval as ev  # as ev: `eval` would shadow the builtin
+import pictures
 from buffer import HardBuffer, hardness, select_hard
 from model import (ASSISTANT, BOI, EOI, IMAGE, JANUS_SYSTEM_PROMPT, UMM, USER, add_lora, build_tokenizer, clip_scorer,
                    load_perturber, merge_lora, save_perturber, tiny_config)
@@ -1923,6 +1924,115 @@ def test_compare_reads_each_runs_training_cost_from_its_log_and_plots_robustness
     rows = {line.split()[0]: line for line in table.splitlines()}
     assert rows["train_cpu_s_per_step"].endswith("+2.500") and "0.450" in rows["train_s_per_step"]
     assert Image.open(tmp_path / "cost.png").size == (560, 380)
+
+
+# ---------------------------------------------------------------- pictures: --show, --curves, --bars (pictures.py)
+# What is checked is that the files are written, are PNGs, and have their grid's size (rows x columns), not their pixels.
+
+def is_png(path, size):
+    with Image.open(path) as im:
+        assert (im.format, im.size) == ("PNG", size), (path, im.format, im.size)
+        im.verify()
+    return True
+
+
+def run_eval(monkeypatch, *argv):
+    """eval.py's command line in this process (a fresh interpreter would spend most of the time importing)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as stop:  # --show, --curves and --compare end with sys.exit(0)
+        runpy.run_path(os.path.join(HERE, "eval.py"), run_name="__main__")
+    assert stop.value.code in (0, None), stop.value.code
+
+
+def test_show_draws_samples_of_a_model_an_export_and_a_training_run_and_the_runs_hard_buffer(small_dir, tmp_path, monkeypatch):
+    small = ev.load(small_dir, "cpu")
+    recs = data.shapes_world("train", 3, seed=0)
+    with torch.no_grad():
+        codes = small.image_codes(small.preprocess([r["image"] for r in recs]))
+    items = [{"codes": codes[i].clone(), "question": r["question"], "answer": r["answers"][0], "source": r["source"]}
+             for i, r in enumerate(recs)]
+    items[0].update(ce=1.5, s=0.97)  # as train.py stores them at mining; the other two, as an older run's, are computed now
+    fake_run(tmp_path / "run", model=small_dir, items=items)
+    shutil.copytree(small_dir, tmp_path / "export")
+    save_perturber(Perturber(8, eps_max=0.25, eps_init=0.2), str(tmp_path / "export"), perturb_at="vq")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the grids need pillow only
+    rows = 2
+    for name, ckpt in [("model", small_dir), ("export", tmp_path / "export"), ("run", tmp_path / "run")]:
+        run_eval(monkeypatch, f"--ckpt={ckpt}", f"--show={tmp_path / name}-pictures", f"--show_n={rows}", "--n=4", "--adv_steps=1",
+                 "--batch_size=4", "--device=cpu")
+        # six columns: clean, VQ reconstruction, its perturber, PGD, random delta, the image of the caption
+        assert is_png(tmp_path / f"{name}-pictures" / "samples.png", (6 * pictures.CELL_W, pictures.TOP + rows * pictures.CELL_H + pictures.FOOT))
+        assert (tmp_path / f"{name}-pictures" / "buffer.png").exists() == (name == "run")
+    # the buffer's hardest show_n items (all 3 here), ITEMS_PER_ROW a row
+    assert is_png(tmp_path / "run-pictures" / "buffer.png", (pictures.ITEMS_PER_ROW * pictures.ITEM_W, pictures.TOP + pictures.ITEM_H + pictures.FOOT))
+    views = pictures.buffer_views(small, items, torch.tensor([3.0, 2.0, 1.0]))
+    assert [v["when"] for v in views] == ["at mining", "now", "now"] and (views[0]["ce"], views[0]["s"], views[2]["H"]) == (1.5, 0.97, 1.0)
+    assert all(v["picture"].shape == v["source"].shape == (3, 32, 32) and -1 <= v["s"] <= 1 for v in views)
+    columns = pictures.sample_views(small, recs[:2], Perturber(8, eps_max=0.25, eps_init=0.2), steps=1)
+    assert [h.split(",")[0] for h, _ in columns] == ["clean", "VQ reconstruction", "its perturber", "PGD", "random delta", "image of the caption"]
+    assert all(v["image"].shape == (3, 32, 32) and isinstance(v["answer"], str) for _, vs in columns for v in vs)
+
+
+def test_the_mining_log_round_trips_into_the_hardness_histogram_and_resumes_as_one_run(small_dir, tmp_path):
+    args = ["--mine_log=True", "--q_hard=0.5", "--hard_bs=1", "--tau=-1.0"]  # the buffer keeps items: 4 samples x 2 candidates a step
+    quick_train(small_dir, tmp_path, "--max_iters=2", *args)
+    cands = pictures.read_mine_log(str(tmp_path))
+    assert len(cands) == 2 * 4 * 2  # steps x batch x candidates per sample
+    for r in read_log(tmp_path):
+        if "kept" in r:  # each step's candidates, and those kept, as the log counts them
+            mined = [c for c in cands if c["iter"] == r["iter"]]
+            assert sum(c["kept"] for c in mined) == r["kept"] and sorted({c["k"] for c in mined}) == [0, 1]
+            assert all(c["H"] == pytest.approx(c["ce"]) and -1 <= c["s"] <= 1 for c in mined)  # tau -1: H = CE
+    edges, every, kept = pictures.hardness_histogram(cands)
+    assert every.sum() == len(cands) and kept.sum() == sum(c["kept"] for c in cands) > 0 and len(edges) == len(every) + 1
+    # the buffer's items carry the CE and s they were mined with
+    items = json.load(open(tmp_path / "ckpt" / "buffer0.json"))["items"]
+    assert items and all((it["source"], it["ce"], it["s"]) in {(c["source"], c["ce"], c["s"]) for c in cands if c["kept"]} for it in items)
+    # resumed, the mining log reads as one run: what a killed run wrote after the checkpoint is dropped, a torn line too
+    with open(tmp_path / "mining0.jsonl", "a") as f:
+        f.write(json.dumps({"iter": 3, "source": "after the checkpoint", "k": 0, "ce": 0, "s": 0, "H": 0, "kept": False}) + '\n{"iter": 3, "so')
+    quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=3", *args)
+    cands = pictures.read_mine_log(str(tmp_path))
+    assert [sum(c["iter"] == i for c in cands) for i in (1, 2, 3)] == [8, 8, 8] and "after the checkpoint" not in {c["source"] for c in cands}
+
+
+def test_curves_of_a_game_and_an_sft_log_its_mining_log_and_compare_as_bars_are_drawn(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # optional: .ci/run installs it, so there these run
+    game = [{"iter": i, "loss": 1.0, "und": 0.1, "adv": 0.2, "adv_start": 0.15, "eps": 0.15 + 0.01 * i, "changed": 0.6, "buffer": 4 * i,
+             "kept": 4, "hard": 0.5, "n_hard": 2} for i in (1, 2, 3)] + [{"iter": 3, "summary": {"before": {"clean": 0.9}, "after": {"clean": 0.95}}}]
+    (tmp_path / "game").mkdir()
+    (tmp_path / "game" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in game))
+    for step in (1, 2, 3):  # as train.py --mine_log=True writes it: 2 samples x 2 candidates a step, the hardest kept
+        ce = torch.tensor([0.1, 0.2, 0.3, 0.4]) * step
+        pictures.log_candidates(str(tmp_path / "game" / "mining0.jsonl"), step, ["shapes/train/0", "shapes/train/1"], ce,
+                                torch.full((4,), 0.95), ce, torch.tensor([3]))
+    run_eval(monkeypatch, f"--curves={tmp_path / 'game'}", f"--show={tmp_path / 'pictures'}")
+    assert is_png(tmp_path / "pictures" / "curves.png", (960, 512)) and is_png(tmp_path / "pictures" / "hardness.png", (960, 288))
+    assert [(c["iter"], c["source"], c["k"], c["kept"]) for c in pictures.read_mine_log(str(tmp_path / "game"))][2:4] == \
+        [(1, "shapes/train/0", 1, False), (1, "shapes/train/1", 1, True)]
+    for arm, u in [("sft", 0.60), ("unigame", 0.62)]:
+        for s in range(2):
+            write_eval(tmp_path / f"{arm}-s{s}", understanding=u + 0.01 * s, robustness_adv=u - 0.2, consistency=0.5)
+    run_eval(monkeypatch, "--compare", tmp_path / "sft-s*", tmp_path / "unigame-s*", f"--bars={tmp_path / 'bars.png'}")
+    assert is_png(tmp_path / "bars.png", (960, 360))
+    log = [{"iter": i, "loss": 1.0 / i, "und": 1.0 / i} for i in (1, 2, 3)]
+    log += [{"iter": 2, "skipped_update": ["loss=nan"], "bad_steps": 1}, {"iter": 3, "eval": {"understanding": 0.5}}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"iter": 4, "lo')  # and a line torn by a kill
+    assert pictures.curves(str(tmp_path / "sft.jsonl"), str(tmp_path / "c")) == [str(tmp_path / "c" / "curves.png")]  # no mining log
+    assert is_png(tmp_path / "c" / "curves.png", (960, 512))
+
+
+def test_plots_without_matplotlib_stop_with_one_line_naming_the_install(tmp_path, monkeypatch):
+    (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 1, "loss": 1.0, "und": 1.0}) + "\n")
+    write_eval(tmp_path / "a", understanding=0.5)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    for draw in (lambda: pictures.curves(str(tmp_path), str(tmp_path / "out")),
+                 lambda: ev.compare([str(tmp_path / "a")], bars=str(tmp_path / "bars.png"))):
+        with pytest.raises(SystemExit, match=r"^plotting needs matplotlib, an optional dependency: pip install matplotlib$"):
+            draw()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "bars.png").exists()
+    with pytest.raises(SystemExit, match="no log.jsonl"):
+        pictures.curves(str(tmp_path / "a"), str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------- eval.py end to end

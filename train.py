@@ -30,6 +30,7 @@ from buffer import HardBuffer, hardness, select_hard
 from eval import evaluate, summary
 from model import UMM, check_weights, clip_scorer, save_perturber
 from perturber import Perturber, input_gradient, jitter, pgd_attack, pgd_refine, random_like, regularizer
+from pictures import log_candidates
 
 # -----------------------------------------------------------------------------------------------
 # configuration
@@ -92,6 +93,7 @@ clip_path = ""  # a local CLIP directory: s = CLIP image-text cosine; '': built 
 buffer_rule = "consistent"  # 'consistent': drop s < tau | 'published': keep them as hard too
 buffer_capacity, buffer_temperature = 4096, 1.75  # rank-softmax sampling temperature
 hard_bs = 8  # hard samples per understanding step
+mine_log = False  # also log every mining candidate (step, source, CE, s, H, kept) to out_dir/mining{rank}.jsonl (eval.py --curves)
 gen_cfg, gen_temperature = 1.0, 1.0  # mine='generate': guidance (1: none; the shipped base has no unconditional branch), sampling
 # optimisation
 batch_size = 16  # per process
@@ -247,6 +249,7 @@ if resume:
     checkpoint.set_rng_state(ckpt_own["rank"]["rng"], device)
     iter_num, bad_steps, bad_in_row = ckpt_meta["iter_num"], ckpt_meta["bad_steps"], ckpt_meta["bad_in_row"]
     data_position, skipped = tuple(ckpt_own["rank"]["data_position"]), [tuple(s) for s in ckpt_own["rank"]["skipped"]]
+    checkpoint.trim_log(os.path.join(out_dir, f"mining{rank}.jsonl"), iter_num)  # mine_log's lines, too, as of the checkpoint
     if master:
         checkpoint.trim_log(log_path, iter_num)  # the log as of the checkpoint, so that it reads as one run
         print(f"resumed from {checkpoint.newest(ckpt_dir)} at iter {iter_num}")
@@ -439,12 +442,14 @@ while iter_num < max_iters:
                     s = F.cosine_similarity(torch.cat([c[0].mean(1) for c in cands]).float(), ref.float().repeat(cand_k, 1))
                 H = hardness(ce, s, lambda_c, tau)
                 keep = select_hard(H, s, torch.arange(B, device=device).repeat(cand_k), q_hard, hard_topk, tau, buffer_rule)
+                if mine_log:  # every candidate, kept or not: the hardness distribution (eval.py --curves draws it)
+                    log_candidates(os.path.join(out_dir, f"mining{rank}.jsonl"), iter_num + 1, batch["sources"], ce, s, H, keep)
                 items = []
                 for j in keep.tolist():
                     k, i = divmod(j, B)
                     # clone: an item owns its tensors, rather than keeping its whole batch alive as a view
-                    items.append({**{key: v[i].cpu().clone() for key, v in cands[k][3].items()},
-                                  "question": questions[i], "answer": answers[i], "source": batch["sources"][i]})
+                    items.append({**{key: v[i].cpu().clone() for key, v in cands[k][3].items()}, "question": questions[i],
+                                  "answer": answers[i], "source": batch["sources"][i], "ce": ce[j].item(), "s": s[j].item()})
                 buffer.push(H[keep].cpu(), items)
             logs.update(s=s.mean().item(), kept=len(items), buffer=len(buffer))
         watch.lap("mine")
