@@ -628,7 +628,7 @@ def test_gradient_checkpointing_keeps_the_lora_gradients(tok, train64):
         return torch.autograd.grad(m.answer_loss(m.image_embeds(px), qs, ans).mean(), lora)
     m.train()
     plain = grads()
-    m.janus.gradient_checkpointing_enable()
+    m.gradient_checkpointing_enable()
     checkpointed = grads()
     assert all(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed):
@@ -690,7 +690,7 @@ def test_generation_is_inference_even_in_train_mode_with_gradient_checkpointing(
     for p in add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.5):
         torch.nn.init.normal_(p, std=0.1)  # a LoRA that matters, so its dropout would change the codes in train mode
     want = m.generate_images(caps, 5.0, 0.0)  # eval mode
-    m.janus.gradient_checkpointing_enable()  # in train mode this would drop the KV cache
+    m.gradient_checkpointing_enable()  # in train mode this would drop the KV cache
     m.train()
     m.janus.model.vqmodel.eval()
     for static in (False, True):
