@@ -1231,6 +1231,36 @@ def test_configurator_file_then_flags_override(tmp_path):
     assert code != 0 and "unknown key 'batch_sze'" in out
 
 
+@pytest.mark.parametrize("script, lines", [
+    ("train.py", ["batch_size = 16  # per process", "lr, min_lr, warmup_iters = 0.0005, 5e-05, 20  # the understanding player's AdamW",
+                  "vqav2_questions = vqav2_annotations = vqav2_images = ''  # VQAv2's train2014", "# the game (game=False: the SFT",
+                  "#   'random': the control arm", "device = 'cpu'", "debug_nan_at = ''  # test hook"]),
+    ("eval.py", ["adv_steps = 5", "n = 1000  # test (and ood) samples for understanding", "perturb_at = None  # 'vq' | 'aligner'",
+                 "#                 unconditional prompts (gen_uncond_p)"]),
+    ("bench.py", ["preset = 'tiny'  # 'tiny' | 'janus-pro-1b' | 'janus-pro-7b'", "batch_size = None  # None: the preset's",
+                  "# system", "seed = 0"]),
+])
+def test_help_prints_the_usage_and_every_key_with_its_default_and_comment(script, lines):
+    """--help: the script's docstring, then its configuration block with each default as it stands and each comment,
+    and exit 0 before anything else runs (a flag after it, bad or not, is not read)."""
+    r = subprocess.run([sys.executable, script, "--help", "--no_such_key=1"], capture_output=True, text=True, cwd=HERE,
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0 and "config error" not in r.stdout + r.stderr, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    src = open(os.path.join(HERE, script)).read()
+    assert out[0] == src.split('"""')[1].strip().splitlines()[0]  # the docstring's first line
+    assert f"usage: python {script} [config/file.py ...] [--key=value ...]; the keys and their defaults:" in out
+    for line in lines:
+        assert any(o.startswith(line) for o in out), (line, r.stdout)
+    if script == "train.py":  # -h alike; and every key of the configuration block, each on a line of its own
+        assert configure(["-h", "--batch_size=oops"]) == (0, configure(["--help"])[1])
+        block = src[src.index("# configuration\n"):src.index("exec(open(")]
+        keys = {}
+        exec(block, {"torch": torch, "os": os}, keys)
+        assigned = [re.findall(r"\w+", o.split("  #")[0].rsplit(" = ", 1)[0]) for o in out if not o.startswith("#") and " = " in o]
+        assert sorted(sum(assigned, [])) == sorted(keys)
+
+
 def test_train_rejects_an_unknown_key_at_start_up():
     r = run_train("--max_iter=5")
     assert r.returncode != 0 and "unknown key 'max_iter'; did you mean 'max_iters'" in r.stderr
