@@ -1808,14 +1808,25 @@ def test_eval_writes_every_axis_as_a_fraction_with_the_attack_recorded(small_dir
 # ---------------------------------------------------------------- resume
 
 def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
+    """A resumed run says from which checkpoint and step, and that the learning-rate schedule now ends at the new
+    max_iters; its end report counts the steps it trained itself and gives its figures at the checkpoint."""
     quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0")
     meta = json.load(open(tmp_path / "ckpt" / "ckpt.json"))
     assert meta["iter_num"] == 2 and meta["config"]["lora_r"] == 4
     JanusForConditionalGeneration.from_pretrained(tmp_path / "ckpt" / "model")  # the merged export loads alone
-    quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=4", "--tau=-1.0")
+    at_checkpoint = read_log(tmp_path)[-1]["summary"]["after"]
+    out = quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=4", "--tau=-1.0")
     iters = [r["iter"] for r in read_log(tmp_path) if "loss" in r]
     assert iters == [1, 2, 3, 4]  # continued from step 2, not from scratch
     assert json.load(open(tmp_path / "ckpt" / "ckpt.json"))["iter_num"] == 4
+    assert f"resumed from {tmp_path / 'ckpt'} at iter 2: the learning-rate schedule now ends at max_iters=4 " \
+           "(at 2 in the run that wrote the checkpoint)" in out, out
+    assert "done: 2 iterations (iter 2 to 4)" in out and "nan" not in out, out
+    table = out[out.index("eval samples"):].splitlines()
+    assert table[0].split()[-4:] == ["at", "iter", "2", "after"]
+    summary = read_log(tmp_path)[-1]["summary"]
+    assert summary["before"] == at_checkpoint and summary["before_iter"] == 2  # the figures at the resumed checkpoint
+    assert [float(x) for x in table[1].split()[1:]] == [round(at_checkpoint["clean"], 3), round(summary["after"]["clean"], 3)]
 
 
 def differing_tensors(a, b):
