@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, DynamicCache, JanusConfig, JanusForConditionalGeneration,
                           JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast, StaticCache)
+from transformers.utils import logging as hf_logging
 
 from perturber import Perturber
 
@@ -229,7 +230,13 @@ class UMM(nn.Module):
         sd = merged_state_dict(self.janus)
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        self.janus.save_pretrained(path, state_dict=sd)
+        # transformers' "Writing model shards" bar drawn on the line it starts on, as eval.py's are: inside train.py's
+        # training bar, a bar of its own below it would move the cursor back up with escape codes a log file keeps
+        previous = hf_logging.set_tqdm_hook(lambda make, args, kwargs: make(*args, **{**kwargs, "position": 0, "leave": False}))
+        try:
+            self.janus.save_pretrained(path, state_dict=sd)
+        finally:
+            hf_logging.set_tqdm_hook(previous)
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump({"image_processor_type": "JanusImageProcessor", "image_mean": [self.image_mean] * 3,

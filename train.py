@@ -485,7 +485,7 @@ while iter_num < max_iters:
         log(**logs)
     if master and ((eval_interval and iter_num % eval_interval == 0) or iter_num == max_iters):
         umm.eval()
-        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if dataset == "shapes" and w_gen else 0, progress=False)
+        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if dataset == "shapes" and w_gen else 0)
         bar.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         log(iter=iter_num, eval=res)
     if ckpt_interval and (iter_num % ckpt_interval == 0 or iter_num == max_iters):

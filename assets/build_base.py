@@ -237,7 +237,7 @@ while iter_num < max_iters:
             f.write(json.dumps(logs) + "\n")
     if (eval_interval and iter_num % eval_interval == 0) or iter_num == max_iters:
         umm.eval()
-        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if w_gen else 0, progress=False)
+        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if w_gen else 0)
         bar.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         with open(log_path, "a") as f:
             f.write(json.dumps({"iter": iter_num, "eval": res}) + "\n")
