@@ -199,11 +199,19 @@ def train(name, path, iters, **flags):
         cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={out}"] + [f"--{k}={v}" for k, v in args.items()]
         print(f"bench: {name}{' (compiled)' if args['compile'] else ''}{' (FLOP count)' if args.get('count_flops') else ''}: "
               f"{iters} train.py step(s)", flush=True)
-        r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-        if r.returncode != 0:
-            tail = (r.stdout + r.stderr).replace("\r", "\n")
-            tail = "\n".join(line for line in tail.splitlines() if line.strip())[-3000:]
-            raise SystemExit(f"bench: {name}: train.py failed (exit {r.returncode}):\n  {' '.join(cmd)}\n{tail}")
+        with tempfile.TemporaryFile() as report:
+            p = subprocess.Popen(cmd, cwd=HERE, stdout=report, stderr=subprocess.PIPE)
+            err = b""
+            while chunk := p.stderr.read1(4096):  # its progress bars, passed on as they come, and kept
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                err += chunk
+            p.wait()
+            report.seek(0)
+            output = (report.read() + err).decode(errors="replace")
+        if p.returncode != 0:
+            tail = "\n".join(line for line in output.replace("\r", "\n").splitlines() if line.strip())[-3000:]
+            raise SystemExit(f"bench: {name}: train.py failed (exit {p.returncode}):\n  {' '.join(cmd)}\n{tail}")
         with open(os.path.join(out, "log.jsonl")) as f:
             steps = [rec for rec in map(json.loads, f) if "ms" in rec]
     if len(steps) != iters:

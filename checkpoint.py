@@ -197,6 +197,19 @@ def newest(ckpt_dir):
     return ckpt_dir
 
 
+def resumed(ckpt_dir, meta, max_iters):
+    """The line a resumed run prints: the checkpoint and its step, and where the learning-rate schedule (warm-up,
+    then cosine decay to max_iters) ends now, which moves when max_iters is not what the checkpoint's run had."""
+    step, was = meta["iter_num"], meta.get("config", {}).get("max_iters", max_iters)
+    if step >= max_iters:
+        then = f"nothing left to train (max_iters={max_iters})"
+    elif was != max_iters:
+        then = f"the learning-rate schedule now ends at max_iters={max_iters} (at {was} in the run that wrote the checkpoint)"
+    else:
+        then = f"the learning-rate schedule ends at max_iters={max_iters}, as before"
+    return f"resumed from {newest(ckpt_dir)} at iter {step}: {then}"
+
+
 def load_meta(ckpt_dir, world_size=None):
     """(folder, ckpt.json) of the newest checkpoint; with world_size, checks that it was written by as many
     processes (each rank's own state resumes exactly only then)."""

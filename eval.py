@@ -75,9 +75,15 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------------------------
 
 
+def _bar(iterable=None, total=None, desc="", progress=True, **kw):
+    """A progress bar that leaves nothing behind. It draws on the line it starts on (position 0): inside train.py's
+    training bar it takes that line for a while, rather than opening one below it and moving the cursor back up
+    with escape codes, which a log file would keep."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not progress, position=0, dynamic_ncols=True, **kw)
+
+
 def _batches(records, size, progress, desc):
-    it = range(0, len(records), size)
-    for i in tqdm(it, desc=desc, leave=False, disable=not progress):
+    for i in _bar(range(0, len(records), size), desc=desc, progress=progress):
         yield records[i:i + size]
 
 
@@ -312,11 +318,18 @@ def random_delta(eps, relative=True, seed=0, device="cpu"):
     return lambda tokens, *_: random_like(tokens, eps, relative=relative, generator=g)
 
 
-def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, steps=5, step_size=None, generator=None):
+def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, steps=5, step_size=None, generator=None,
+              on_step=None):
     """A fresh attack on the answer: L2 PGD on δ (perturber.pgd_attack) that maximises the answer
     cross-entropy of the view umm.perturbed_view(tokens + δ, at). At 'vq' the projection onto the
-    codebook is straight-through, so the gradient reaches δ through decoder, vision encoder and LM."""
-    return pgd_attack(lambda t: umm.perturbed_loss(t, questions, answers, at), tokens, eps, steps, step_size, relative, generator)
+    codebook is straight-through, so the gradient reaches δ through decoder, vision encoder and LM.
+    on_step, if given, is called after each step's forward pass (a progress bar's update)."""
+    def loss(t):
+        out = umm.perturbed_loss(t, questions, answers, at)
+        if on_step:
+            on_step()
+        return out
+    return pgd_attack(loss, tokens, eps, steps, step_size, relative, generator)
 
 
 def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5, step_size=None, batch_size=64,
@@ -327,17 +340,21 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
     attack, both through the same view (at 'vq': the VQ reconstruction), so the gap is the attack's alone."""
     g = torch.Generator(device=umm.device).manual_seed(seed)
     acc0, acc1, ce0, ce1, changed = [], [], [], [], []
-    for chunk in _batches(records, batch_size, progress, f"PGD attack ({steps} steps)"):
+    chunks = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    bar = _bar(total=len(chunks) * steps, desc=f"PGD attack ({len(records)} samples, {steps} steps a batch)", unit="step",
+               progress=progress)  # moves with every step of the attack, each a forward and backward pass of a batch
+    for chunk in chunks:
         questions, answers = [r["question"] for r in chunk], [label(r) for r in chunk]
         with torch.no_grad():
             tokens = umm.visual_tokens(_pixels(umm, chunk), at)
-        delta = pgd_delta(umm, tokens, questions, answers, at, eps, relative, steps, step_size, g)
+        delta = pgd_delta(umm, tokens, questions, answers, at, eps, relative, steps, step_size, g, on_step=bar.update)
         with torch.no_grad():
             for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1)):
                 emb, _, codes = umm.perturbed_view(tokens + d, at)
                 ce.extend(umm.answer_loss(emb, questions, answers).tolist())
                 acc.extend(answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(umm.answer(emb, questions), chunk))
                 changed += [umm.codes_changed(tokens, codes)] if at == "vq" and d is delta else []
+    bar.close()
     return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1),
             "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1}
 
@@ -348,7 +365,10 @@ def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64,
     model, so outside the game's threat model, a measure of how far robustness transfers."""
     g = torch.Generator(device=umm.device).manual_seed(seed)
     scores = []
-    for chunk in _batches(records, batch_size, progress, f"pixel PGD ({eps * 255:.0f}/255, {steps} steps)"):
+    chunks = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    bar = _bar(total=len(chunks) * steps, desc=f"pixel PGD ({eps * 255:.0f}/255, {len(records)} samples, {steps} steps a batch)",
+               unit="step", progress=progress)
+    for chunk in chunks:
         questions, answers = [r["question"] for r in chunk], [label(r) for r in chunk]
         px = _pixels(umm, chunk)
         radius = eps / umm.image_std  # pixel units -> the model's normalised space
@@ -359,22 +379,24 @@ def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64,
             loss = umm.answer_loss(umm.image_embeds((px + delta).clamp(lo, hi)), questions, answers).sum()
             (grad,) = torch.autograd.grad(loss, delta)
             delta = (delta.detach() + 2.5 * radius / steps * grad.sign()).clamp(-radius, radius)
+            bar.update()
         with torch.no_grad():
             preds = umm.answer(umm.image_embeds((px + delta).clamp(lo, hi)), questions)
         scores += [answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(preds, chunk)]
+    bar.close()
     return scores
 
 
-def summary(umm, records, perturber=None, at="vq", attack=None):
+def summary(umm, records, perturber=None, at="vq", attack=None, progress=True):
     """train.py's before / after table: clean accuracy; accuracy under a perturber when there is one; under a
     fresh PGD attack when `attack` is given (adversarial_accuracy's eps, relative, steps)."""
     umm.eval()
-    res = {"clean": understanding_accuracy(umm, records, progress=False)}
+    res = {"clean": understanding_accuracy(umm, records, progress=progress, desc="accuracy: clean")}
     if perturber is not None:
         res["under_perturber"] = understanding_accuracy(umm, records, perturbed_embed(umm, perturber_delta(umm, perturber, at), at),
-                                                        progress=False)
+                                                        progress=progress, desc="accuracy: under the perturber")
     if attack:
-        res[f"under_pgd_{attack['steps']}_steps"] = adversarial_accuracy(umm, records, at, progress=False, **attack)["accuracy"]
+        res[f"under_pgd_{attack['steps']}_steps"] = adversarial_accuracy(umm, records, at, progress=progress, **attack)["accuracy"]
     return res
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, DynamicCache, JanusConfig, JanusForConditionalGeneration,
                           JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast, StaticCache)
+from transformers.utils import logging as hf_logging
 
 from perturber import Perturber
 
@@ -233,7 +234,13 @@ class UMM(nn.Module):
         sd = merged_state_dict(self.janus)
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        self.janus.save_pretrained(path, state_dict=sd)
+        # transformers' "Writing model shards" bar drawn on the line it starts on, as eval.py's are: inside train.py's
+        # training bar, a bar of its own below it would move the cursor back up with escape codes a log file keeps
+        previous = hf_logging.set_tqdm_hook(lambda make, args, kwargs: make(*args, **{**kwargs, "position": 0, "leave": False}))
+        try:
+            self.janus.save_pretrained(path, state_dict=sd)
+        finally:
+            hf_logging.set_tqdm_hook(previous)
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump({"image_processor_type": "JanusImageProcessor", "image_mean": [self.image_mean] * 3,
@@ -282,10 +289,10 @@ class UMM(nn.Module):
         self.janus.model.vision_model.compile()
 
     def gradient_checkpointing_enable(self):
-        self.janus.gradient_checkpointing_enable()
+        self.janus.activation_checkpointing_enable()
 
     def gradient_checkpointing_disable(self):
-        self.janus.gradient_checkpointing_disable()
+        self.janus.activation_checkpointing_disable()
 
     @property
     def device(self):
@@ -381,7 +388,7 @@ class UMM(nn.Module):
         seqs = [self.prompt_ids(q) + t for q, t in zip(questions, tails)]
         ids, mask, pos = (t.to(self.device) for t in _left_pad(seqs, self.pad_id))
         out = self.janus.model.language_model(inputs_embeds=self._splice(ids, image_embeds),
-                                              attention_mask=mask, position_ids=pos)
+                                              attention_mask=mask, position_ids=pos, use_cache=False)
         labels = torch.full_like(ids, -100)
         for i, t in enumerate(tails):
             if t:  # left padding: the answer tokens are the last ones
@@ -398,7 +405,7 @@ class UMM(nn.Module):
             n_ans.append(len(t))
         ids, mask, pos = (t.to(self.device) for t in _left_pad(seqs, self.pad_id))
         hidden = self.janus.model.language_model(inputs_embeds=self._splice(ids, image_embeds),
-                                                 attention_mask=mask, position_ids=pos).last_hidden_state
+                                                 attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         L = ids.shape[1]
         n_ans_t = torch.tensor(n_ans, device=self.device)
         col = torch.arange(L, device=self.device)
@@ -420,7 +427,7 @@ class UMM(nn.Module):
         out_ids = torch.full((len(questions), max_new_tokens), self.eos_id, device=self.device)
         done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
         for t in range(max_new_tokens):
-            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache,
                    use_cache=True).last_hidden_state[:, -1]
             nxt = self.janus.lm_head(h).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
@@ -557,7 +564,7 @@ class UMM(nn.Module):
         mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], 1)
         pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, N, device=self.device)], 1)
         hidden = self.janus.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                                 position_ids=pos).last_hidden_state[:, L - 1:]
+                                                 position_ids=pos, use_cache=False).last_hidden_state[:, L - 1:]
         logits = self.janus.model.generation_head(hidden).float()
         return F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").mean(1)
 
@@ -598,7 +605,7 @@ class UMM(nn.Module):
         self.eval()
         try:
             h = lm(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask, position_ids=pos,
-                   past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                   cache=cache, use_cache=True).last_hidden_state[:, -1]
             logits = self.janus.model.generation_head(h).float()
             codes = torch.zeros(B, N, dtype=torch.long, device=self.device)
             for i in range(N):
@@ -626,7 +633,7 @@ class UMM(nn.Module):
     def _decode_logits(self, codes, mask, pos, cache):
         """One decode step: the codes just drawn (B, 1) in, the next code's logits (B, K) out."""
         h = self.janus.model.language_model(inputs_embeds=self.code_embeds(codes), attention_mask=mask, position_ids=pos,
-                                            past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                                            cache=cache, use_cache=True).last_hidden_state[:, -1]
         return self.janus.model.generation_head(h).float()
 
     def _decode_step(self):

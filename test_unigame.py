@@ -693,7 +693,7 @@ def test_gradient_checkpointing_keeps_the_lora_gradients(tok, train64):
         return torch.autograd.grad(m.answer_loss(m.image_embeds(px), qs, ans).mean(), lora)
     m.train()
     plain = grads()
-    m.janus.gradient_checkpointing_enable()
+    m.gradient_checkpointing_enable()
     checkpointed = grads()
     assert all(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed):
@@ -755,7 +755,7 @@ def test_generation_is_inference_even_in_train_mode_with_gradient_checkpointing(
     for p in add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.5):
         torch.nn.init.normal_(p, std=0.1)  # a LoRA that matters, so its dropout would change the codes in train mode
     want = m.generate_images(caps, 5.0, 0.0)  # eval mode
-    m.janus.gradient_checkpointing_enable()  # in train mode this would drop the KV cache
+    m.gradient_checkpointing_enable()  # in train mode this would drop the KV cache
     m.train()
     m.janus.model.vqmodel.eval()
     for static in (False, True):
@@ -1355,6 +1355,36 @@ def test_configurator_file_then_flags_override(tmp_path):
     cfg.write_text("batch_sze = 3\n")
     code, out = configure([str(cfg)])
     assert code != 0 and "unknown key 'batch_sze'" in out
+
+
+@pytest.mark.parametrize("script, lines", [
+    ("train.py", ["batch_size = 16  # per process", "lr, min_lr, warmup_iters = 0.0005, 5e-05, 20  # the understanding player's AdamW",
+                  "vqav2_questions = vqav2_annotations = vqav2_images = ''  # VQAv2's train2014", "# the game (game=False: the SFT",
+                  "#   'random': the control arm", "device = 'cpu'", "debug_nan_at = ''  # test hook"]),
+    ("eval.py", ["adv_steps = 5", "n = 1000  # test (and ood) samples for understanding", "perturb_at = None  # 'vq' | 'aligner'",
+                 "#                 unconditional prompts (gen_uncond_p)"]),
+    ("bench.py", ["preset = 'tiny'  # 'tiny' | 'janus-pro-1b' | 'janus-pro-7b'", "batch_size = None  # None: the preset's",
+                  "# system", "seed = 0"]),
+])
+def test_help_prints_the_usage_and_every_key_with_its_default_and_comment(script, lines):
+    """--help: the script's docstring, then its configuration block with each default as it stands and each comment,
+    and exit 0 before anything else runs (a flag after it, bad or not, is not read)."""
+    r = subprocess.run([sys.executable, script, "--help", "--no_such_key=1"], capture_output=True, text=True, cwd=HERE,
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0 and "config error" not in r.stdout + r.stderr, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    src = open(os.path.join(HERE, script)).read()
+    assert out[0] == src.split('"""')[1].strip().splitlines()[0]  # the docstring's first line
+    assert f"usage: python {script} [config/file.py ...] [--key=value ...]; the keys and their defaults:" in out
+    for line in lines:
+        assert any(o.startswith(line) for o in out), (line, r.stdout)
+    if script == "train.py":  # -h alike; and every key of the configuration block, each on a line of its own
+        assert configure(["-h", "--batch_size=oops"]) == (0, configure(["--help"])[1])
+        block = src[src.index("# configuration\n"):src.index("exec(open(")]
+        keys = {}
+        exec(block, {"torch": torch, "os": os}, keys)
+        assigned = [re.findall(r"\w+", o.split("  #")[0].rsplit(" = ", 1)[0]) for o in out if not o.startswith("#") and " = " in o]
+        assert sorted(sum(assigned, [])) == sorted(keys)
 
 
 def test_train_rejects_an_unknown_key_at_start_up():
@@ -2086,14 +2116,25 @@ def test_eval_on_a_manifest_stops_at_an_unreadable_image_named_or_skips_it_and_c
 # ---------------------------------------------------------------- resume
 
 def test_a_short_run_checkpoints_and_resume_continues(small_dir, tmp_path):
+    """A resumed run says from which checkpoint and step, and that the learning-rate schedule now ends at the new
+    max_iters; its end report counts the steps it trained itself and gives its figures at the checkpoint."""
     quick_train(small_dir, tmp_path, "--max_iters=2", "--tau=-1.0")
     meta = json.load(open(tmp_path / "ckpt" / "ckpt.json"))
     assert meta["iter_num"] == 2 and meta["config"]["lora_r"] == 4
     JanusForConditionalGeneration.from_pretrained(tmp_path / "ckpt" / "model")  # the merged export loads alone
-    quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=4", "--tau=-1.0")
+    at_checkpoint = read_log(tmp_path)[-1]["summary"]["after"]
+    out = quick_train(small_dir, tmp_path, "--init_from=resume", "--max_iters=4", "--tau=-1.0")
     iters = [r["iter"] for r in read_log(tmp_path) if "loss" in r]
     assert iters == [1, 2, 3, 4]  # continued from step 2, not from scratch
     assert json.load(open(tmp_path / "ckpt" / "ckpt.json"))["iter_num"] == 4
+    assert f"resumed from {tmp_path / 'ckpt'} at iter 2: the learning-rate schedule now ends at max_iters=4 " \
+           "(at 2 in the run that wrote the checkpoint)" in out, out
+    assert "done: 2 iterations (iter 2 to 4)" in out and "nan" not in out, out
+    table = out[out.index("eval samples"):].splitlines()
+    assert table[0].split()[-4:] == ["at", "iter", "2", "after"]
+    summary = read_log(tmp_path)[-1]["summary"]
+    assert summary["before"] == at_checkpoint and summary["before_iter"] == 2  # the figures at the resumed checkpoint
+    assert [float(x) for x in table[1].split()[1:]] == [round(at_checkpoint["clean"], 3), round(summary["after"]["clean"], 3)]
 
 
 def differing_tensors(a, b):

@@ -252,7 +252,7 @@ if resume:
     checkpoint.trim_log(os.path.join(out_dir, f"mining{rank}.jsonl"), iter_num)  # mine_log's lines, too, as of the checkpoint
     if master:
         checkpoint.trim_log(log_path, iter_num)  # the log as of the checkpoint, so that it reads as one run
-        print(f"resumed from {checkpoint.newest(ckpt_dir)} at iter {iter_num}")
+        print(checkpoint.resumed(ckpt_dir, ckpt_meta, max_iters))  # from where, and where the lr schedule now ends
 batches = data.infinite_batches(loader, *data_position)  # (epoch, batch): the shuffled order goes on where it stood
 
 
@@ -345,7 +345,8 @@ class Stopwatch:
 
 # ---- the loop ---------------------------------------------------------------------------------
 attack = dict(eps=eps_max, relative=eps_relative, steps=eval_adv_steps) if eval_adv_steps else None  # the table's fresh PGD
-before = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack) if master and not resume else None
+before = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack) if master else None  # or at the resumed checkpoint
+start_iter = iter_num  # this process trains the steps from here
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 watch = Stopwatch()
 t0 = time.time()
@@ -506,12 +507,13 @@ while iter_num < max_iters:
         log(**logs)
     if master and ((eval_interval and iter_num % eval_interval == 0) or iter_num == max_iters):
         umm.eval()
-        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if dataset == "shapes" and w_gen else 0, progress=False)
+        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if dataset == "shapes" and w_gen else 0)
         bar.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         log(iter=iter_num, eval=res)
     if ckpt_interval and (iter_num % ckpt_interval == 0 or iter_num == max_iters):
         save(iter_num)  # on every rank: each writes its own buffer, RNG and place in the data
 bar.close()
+t_train = time.time() - t0
 
 # ---- the end report -----------------------------------------------------------------------------
 skipped_by_all = ranks.gather(skipped)  # every rank meets its own
@@ -527,10 +529,12 @@ if master:
             save_perturber(perturber, export_dir, perturb_at=perturb_at)
         print(f"exported the model{' and the perturber' if game else ''} to {export_dir}")
     after = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack)
-    print(f"done: {iter_num} iterations in {time.time() - t0:.0f}s" + (f"; checkpoint in {ckpt_dir}" if ckpt_interval else ""))
-    print(f"{'accuracy on ' + str(len(eval_records)) + ' eval samples':<34}{'before':>8}{'after':>8}")
+    print(f"done: {iter_num - start_iter} iteration{'s' * (iter_num - start_iter != 1)} (iter {start_iter} to {iter_num}) in {t_train:.0f}s"
+          + (f"; checkpoint in {ckpt_dir}" if ckpt_interval else ""))
+    head = f"at iter {start_iter}" if resume else "before"  # a resumed run's figures at its checkpoint
+    print(f"{'accuracy on ' + str(len(eval_records)) + ' eval samples':<34}{head:>{len(head) + 2}}{'after':>8}")
     for k in after:
-        print(f"{k:<34}{before[k] if before else float('nan'):>8.3f}{after[k]:>8.3f}")
-    log(iter=iter_num, summary={"before": before, "after": after, "eval_set": eval_set})
+        print(f"{k:<34}{before[k]:>{len(head) + 2}.3f}{after[k]:>8.3f}")
+    log(iter=iter_num, summary={"before": before, "after": after, "before_iter": start_iter, "eval_set": eval_set})
 if ddp:
     dist.destroy_process_group()

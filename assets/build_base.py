@@ -175,11 +175,12 @@ if resume:
     checkpoint.set_rng_state(own["rank"]["rng"], device)
     iter_num, data_position, bad_in_row = meta["iter_num"], tuple(own["rank"]["data_position"]), meta["bad_in_row"]
     checkpoint.trim_log(log_path, iter_num)  # the log as of the checkpoint, so that it reads as one run
+    print(checkpoint.resumed(ckpt_dir, meta, max_iters))  # from where, and where the lr schedule now ends
 batches = data.infinite_batches(loader, *data_position)  # (epoch, batch): the shuffled order goes on where it stood
 
 # ---- the loop ---------------------------------------------------------------------------------
 bar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True)
-t0 = time.time()
+t0, start_iter = time.time(), iter_num
 while iter_num < max_iters:
     for g in optimizer.param_groups:
         g["lr"] = lr_at(iter_num)
@@ -236,7 +237,7 @@ while iter_num < max_iters:
             f.write(json.dumps(logs) + "\n")
     if (eval_interval and iter_num % eval_interval == 0) or iter_num == max_iters:
         umm.eval()
-        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if w_gen else 0, progress=False)
+        res = evaluate(umm, eval_records, gen_n=eval_n // 4 if w_gen else 0)
         bar.write(f"iter {iter_num}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         with open(log_path, "a") as f:
             f.write(json.dumps({"iter": iter_num, "eval": res}) + "\n")
@@ -247,4 +248,4 @@ bar.close()
 if export_dir:  # the Janus alone: SigLIP's label head stays behind
     umm.save_pretrained(export_dir, dtype=getattr(torch, export_dtype))
     print(f"exported the model to {export_dir}")
-print(f"done: {iter_num} iterations in {time.time() - t0:.0f}s; log in {log_path}")
+print(f"done: {iter_num - start_iter} iterations (iter {start_iter} to {iter_num}) in {time.time() - t0:.0f}s; log in {log_path}")
