@@ -8,7 +8,7 @@ at a line of our own modules.
 
 import os
 
-OURS = "(bench|buffer|checkpoint|configurator|data|eval|model|perturber|ranks|train|test_unigame|__main__)$"
+OURS = "(bench|buffer|checkpoint|configurator|data|eval|model|perturber|pictures|ranks|train|test_unigame|__main__)$"
 
 
 def pytest_configure(config):
