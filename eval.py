@@ -337,9 +337,11 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
     """robustness_adv: accuracy under a PGD attack of budget eps at the interface `at`, a fresh one per
     batch (not the trained perturber). Returns {"accuracy", "accuracy_zero_delta", "ce_zero_delta",
     "ce_attacked"}: accuracy and mean answer cross-entropy of the same samples without and with the
-    attack, both through the same view (at 'vq': the VQ reconstruction), so the gap is the attack's alone."""
+    attack, both through the same view (at 'vq': the VQ reconstruction), so the gap is the attack's alone.
+    On world samples at 'vq' also "scene_kept": per sample, whether the oracle still reads the sample's
+    objects in the attacked image (an attack that redraws the scene changes the right answer too)."""
     g = torch.Generator(device=umm.device).manual_seed(seed)
-    acc0, acc1, ce0, ce1, changed = [], [], [], [], []
+    acc0, acc1, ce0, ce1, changed, kept = [], [], [], [], [], []
     chunks = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     bar = _bar(total=len(chunks) * steps, desc=f"PGD attack ({len(records)} samples, {steps} steps a batch)", unit="step",
                progress=progress)  # moves with every step of the attack, each a forward and backward pass of a batch
@@ -350,13 +352,16 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
         delta = pgd_delta(umm, tokens, questions, answers, at, eps, relative, steps, step_size, g, on_step=bar.update)
         with torch.no_grad():
             for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1)):
-                emb, _, codes = umm.perturbed_view(tokens + d, at)
+                emb, px, codes = umm.perturbed_view(tokens + d, at)
                 ce.extend(umm.answer_loss(emb, questions, answers).tolist())
                 acc.extend(answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(umm.answer(emb, questions), chunk))
-                changed += [umm.codes_changed(tokens, codes)] if at == "vq" and d is delta else []
+                if at == "vq" and d is delta:
+                    changed.append(umm.codes_changed(tokens, codes))
+                    kept += [oracle_score(im, r["attrs"]) for im, r in zip(umm.to_uint8(px), chunk) if r["attrs"]]
     bar.close()
     return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1),
-            "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1}
+            "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1,
+            "scene_kept": kept if len(kept) == len(acc1) else None}
 
 
 def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64, seed=0, progress=True, convention="vqaeval"):
@@ -764,7 +769,11 @@ if __name__ == "__main__":
             skipped[k] = "needs the built-in world (captions, the oracle, the ood split)"
     attack = adversarial_accuracy(umm, test[:adv_n], at, radius, relative, adv_steps, step_size, batch_size, seed, convention=vqa_convention)
     attack.pop("accuracy")
+    kept = attack.pop("scene_kept")
     record("robustness_adv", attack.pop("scores"))
+    if kept:  # the attacked images whose scene the oracle still reads, and the accuracy on those alone
+        record("robustness_adv_scene_kept", kept)
+        res["robustness_adv_where_kept"] = sum(a for a, k in zip(per_sample["robustness_adv"], kept) if k) / max(1, sum(kept))
     attack = {"perturb_at": at, "eps": radius, "relative": relative, "steps": adv_steps, "step_size": step_size,
               "n": len(test[:adv_n]), **attack}
     if adv_steps_strong:

@@ -1827,6 +1827,15 @@ def test_adversarial_accuracy_is_below_clean_accuracy_on_the_base(shapes_base):
     assert res["ce_attacked"] > res["ce_zero_delta"] + 0.1 and res["accuracy"] < clean, res
 
 
+def test_the_oracle_tells_which_attacked_images_keep_their_scene(shapes_base):
+    recs = world("test", 16)
+    tiny, large = (ev.adversarial_accuracy(shapes_base, recs, "vq", eps=e, steps=3, batch_size=8, progress=False) for e in (1e-6, 1.0))
+    with torch.no_grad():  # at a vanishing budget, the attacked image is the VQ reconstruction
+        recon = shapes_base.vq_decode(shapes_base.project_to_codebook(shapes_base.visual_tokens(ev._pixels(shapes_base, recs), "vq"))[0])
+    assert tiny["scene_kept"] == [data.oracle_score(im, r["attrs"]) for im, r in zip(shapes_base.to_uint8(recon.clamp(-1, 1)), recs)]
+    assert len(large["scene_kept"]) == 16 and sum(large["scene_kept"]) < sum(tiny["scene_kept"])  # a budget that redraws scenes
+
+
 def test_pixel_attack_of_zero_budget_changes_nothing_and_of_a_real_one_lowers_accuracy(shapes_base):
     recs = world("test", 16)
     clean = ev.understanding_scores(shapes_base, recs, progress=False)
@@ -2077,7 +2086,7 @@ def test_eval_writes_every_axis_as_a_fraction_with_the_attack_recorded(small_dir
     stdout = capsys.readouterr().out
     out = json.load(open(tmp_path / "ev" / "eval.json"))
     axes = ["understanding", "generation", "consistency", "robustness_ood", "robustness_adv", "understanding_random_perturb",
-            "understanding_own_perturber", "reconstruction"]
+            "understanding_own_perturber", "reconstruction", "robustness_adv_scene_kept", "robustness_adv_where_kept"]
     assert all(0.0 <= out[k] <= 1.0 for k in axes), out
     attack = out["robustness_adv_attack"]
     assert {k: attack[k] for k in ("perturb_at", "eps", "relative", "steps", "n")} == \
