@@ -1017,7 +1017,7 @@ def test_export_round_trips_merged_model_and_perturber(tok, train64, tmp_path):
     assert torch.equal(umm.generate_images(["a red circle"], cfg_scale=5.0, temperature=0.0), ref)
 
     again, meta = load_perturber(str(tmp_path))
-    assert meta == {"dim": 64, "hidden": 32, "eps_min": 0.0, "eps_max": 0.02, "eps_init": 0.01, "relative": False,
+    assert meta == {"dim": 64, "hidden": 32, "eps_min": 0.0, "eps_max": 0.02, "eps_init": 0.01, "relative": False, "sees": "token",
                     "eps": pytest.approx(perturber.eps.item()), "perturb_at": "aligner"}
     with torch.no_grad():
         z = umm.visual_tokens(px, "aligner")
