@@ -36,6 +36,14 @@ from perturber import Perturber, input_gradient, jitter, pgd_attack, pgd_refine,
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# A deprecation on our code paths fails the tests instead of scrolling by: a FutureWarning is how transformers
+# and torch announce that an API we call will go (a keyword of LlamaModel.forward, ...), an error here and,
+# through PYTHONWARNINGS, in the train.py, eval.py and bench.py runs the tests start; so is a DeprecationWarning
+# raised at a line of our own modules.
+OURS = "(bench|buffer|checkpoint|configurator|data|eval|model|perturber|pictures|ranks|train|test_unigame|__main__)$"
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"), pytest.mark.filterwarnings(f"error::DeprecationWarning:{OURS}")]
+os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), "error::FutureWarning") if w)
+
 
 # ================================================================================================
 # fixtures and helpers shared by the sections below: a tokenizer and a tiny model built here, the same
