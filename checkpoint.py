@@ -17,6 +17,9 @@ Atomic: everything goes to `ckpt_dir.tmp`, is flushed to disk (files and folders
 replaces `ckpt_dir` by two renames (ckpt -> ckpt.old, ckpt.tmp -> ckpt). A kill at any moment
 leaves a complete checkpoint: `ckpt_dir`, or, between the renames, `ckpt_dir.old`, which `load`
 then reads. Reading a missing, truncated or corrupt file stops with one line naming it.
+
+The run's other JSONL files are written and trimmed here too: `trim_log` cuts a log back to a checkpoint's
+step on resume, and `log_candidates` appends mining's candidates (train.py --mine_log; pictures.py reads them).
 """
 
 import json
@@ -247,3 +250,13 @@ def trim_log(path, step):
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
+
+
+def log_candidates(path, step, sources, ce, s, H, keep):
+    """Append one JSON line per mining candidate to `path` (train.py --mine_log=True): the step ("iter", as
+    log.jsonl numbers it), its source sample, k (which of that sample's candidates: candidate j is candidate
+    k = j // len(sources) of sample j % len(sources)), CE, s, H, and whether it entered the buffer."""
+    kept, B = set(keep.tolist()), len(sources)
+    with open(path, "a") as f:
+        for j, (c, si, h) in enumerate(zip(ce.tolist(), s.tolist(), H.tolist())):
+            f.write(json.dumps({"iter": step, "source": sources[j % B], "k": j // B, "ce": c, "s": si, "H": h, "kept": j in kept}) + "\n")

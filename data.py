@@ -373,6 +373,24 @@ def training_records(dataset, train_n=20000, vqav2_questions="", vqav2_annotatio
     raise ValueError(f"dataset={dataset!r}: expected 'shapes', 'vqav2' or 'jsonl'")
 
 
+def missing_files(dataset, jsonl_path="", vqav2=("", "", ""), eval_vqav2=("", "", "")):
+    """What the chosen data lacks on disk, one line each naming the keys (train.py checks before reading anything):
+    vqav2 and eval_vqav2 are (questions JSON, annotations JSON, image folder)."""
+    def absent(files):
+        return not (os.path.isfile(files[0]) and os.path.isfile(files[1]) and os.path.isdir(files[2]))
+    problems = []
+    if dataset == "jsonl" and not os.path.isfile(jsonl_path):
+        problems.append(f"dataset='jsonl': jsonl_path={jsonl_path!r} is not a file")
+    if dataset == "vqav2" and absent(vqav2):
+        problems.append(f"dataset='vqav2': need the files vqav2_questions={vqav2[0]!r}, vqav2_annotations={vqav2[1]!r} "
+                        f"and the folder vqav2_images={vqav2[2]!r}")
+    if any(eval_vqav2) and (dataset == "shapes" or absent(eval_vqav2)):
+        problems.append(f"evaluation on VQAv2 val needs real data, the files eval_vqav2_questions={eval_vqav2[0]!r}, "
+                        f"eval_vqav2_annotations={eval_vqav2[1]!r} and the folder eval_vqav2_images={eval_vqav2[2]!r} "
+                        "(or all three '': evaluate on a held-out slice of the training data)")
+    return problems
+
+
 JSONL_KEYS = {"image", "question", "answers", "caption"}
 
 

@@ -406,6 +406,12 @@ def summary(umm, records, perturber=None, at="vq", attack=None, progress=True):
     return res
 
 
+def table(before, after, head, n):
+    """summary()'s figures before and after training, one row each, as train.py prints them at the end."""
+    rows = [f"{'accuracy on ' + str(n) + ' eval samples':<34}{head:>{len(head) + 2}}{'after':>8}"]
+    return "\n".join(rows + [f"{k:<34}{before[k]:>{len(head) + 2}.3f}{after[k]:>8.3f}" for k in after])
+
+
 def evaluate(umm, records, gen_n=0, progress=True, **gen_kw):
     """Quick figures used during training: understanding, generation (gen_n captions) and the
     oracle's reading of VQ reconstructions, on `records` (samples of the built-in world)."""

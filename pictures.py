@@ -262,16 +262,6 @@ def show(umm, ckpt, records, folder, perturber=None, own_at="vq", at="vq", eps=0
 
 # ---- the mining log: every candidate of every mining round -------------------------------------------
 
-def log_candidates(path, step, sources, ce, s, H, keep):
-    """Append one JSON line per mining candidate to `path` (train.py --mine_log=True): the step ("iter", as
-    log.jsonl numbers it), its source sample, k (which of that sample's candidates: candidate j is candidate
-    k = j // len(sources) of sample j % len(sources)), CE, s, H, and whether it entered the buffer."""
-    kept, B = set(keep.tolist()), len(sources)
-    with open(path, "a") as f:
-        for j, (c, si, h) in enumerate(zip(ce.tolist(), s.tolist(), H.tolist())):
-            f.write(json.dumps({"iter": step, "source": sources[j % B], "k": j // B, "ce": c, "s": si, "H": h, "kept": j in kept}) + "\n")
-
-
 def _jsonl(path):
     """The records of a JSONL file; a line torn by a kill is skipped."""
     out = []

@@ -35,6 +35,13 @@ def any_rank(flag, device="cpu"):
     return t.item() > 0
 
 
+def nonfinite(device="cpu", **values):
+    """The non-finite ones among these tensors, as 'name=value', e.g. ['loss=nan']. Ranks agree: when any rank
+    finds one, every rank gets a non-empty list and skips the update, so that they stay in step (a collective)."""
+    found = [f"{k}={v.item():.3g}" for k, v in values.items() if not torch.isfinite(v).all()]
+    return found or (["on another rank"] if any_rank(bool(found), device) else [])
+
+
 def gather(items):
     """Every rank's list of JSON-able items, concatenated in rank order, on every rank (a collective)."""
     if not active():

@@ -2143,7 +2143,7 @@ def test_curves_of_a_game_and_an_sft_log_its_mining_log_and_compare_as_bars_are_
     (tmp_path / "game" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in game))
     for step in (1, 2, 3):  # as train.py --mine_log=True writes it: 2 samples x 2 candidates a step, the hardest kept
         ce = torch.tensor([0.1, 0.2, 0.3, 0.4]) * step
-        pictures.log_candidates(str(tmp_path / "game" / "mining0.jsonl"), step, ["shapes/train/0", "shapes/train/1"], ce,
+        checkpoint.log_candidates(str(tmp_path / "game" / "mining0.jsonl"), step, ["shapes/train/0", "shapes/train/1"], ce,
                                 torch.full((4,), 0.95), ce, torch.tensor([3]))
     run_eval(monkeypatch, f"--curves={tmp_path / 'game'}", f"--show={tmp_path / 'pictures'}")
     assert is_png(tmp_path / "pictures" / "curves.png", (960, 512)) and is_png(tmp_path / "pictures" / "hardness.png", (960, 288))

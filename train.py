@@ -27,10 +27,9 @@ import checkpoint
 import data
 import ranks
 from buffer import HardBuffer, hardness, select_hard
-from eval import evaluate, summary
+from eval import evaluate, summary, table
 from model import UMM, check_weights, clip_scorer, save_perturber
 from perturber import Perturber, input_gradient, jitter, pgd_attack, pgd_refine, random_like, regularizer
-from pictures import log_candidates
 
 # -----------------------------------------------------------------------------------------------
 # configuration
@@ -143,12 +142,6 @@ problems += [msg for bad, msg in [
     (load_dtype != "float32" and chosen, f"load_dtype={load_dtype!r} with train_modules={train_modules!r}: fully trained parts need float32 weights (AdamW steps vanish in 16 bits); only LoRA may train on 16-bit weights"),
     (device.startswith("cuda") and not torch.cuda.is_available(), f"device={device!r}, but CUDA is not available here"),
     (dataset == "shapes" and train_n < batch_size * n_procs, f"train_n={train_n}: fewer samples than one global batch, batch_size*world_size={batch_size}*{n_procs}"),
-    (dataset == "jsonl" and not os.path.isfile(jsonl_path), f"dataset='jsonl': jsonl_path={jsonl_path!r} is not a file"),
-    (dataset == "vqav2" and not (os.path.isfile(vqav2_questions) and os.path.isfile(vqav2_annotations) and os.path.isdir(vqav2_images)),
-     f"dataset='vqav2': need the files vqav2_questions={vqav2_questions!r}, vqav2_annotations={vqav2_annotations!r} and the folder vqav2_images={vqav2_images!r}"),
-    (any(evaluate_on) and not (dataset != "shapes" and os.path.isfile(evaluate_on[0]) and os.path.isfile(evaluate_on[1]) and os.path.isdir(evaluate_on[2])),
-     f"evaluation on VQAv2 val needs real data, the files eval_vqav2_questions={evaluate_on[0]!r}, eval_vqav2_annotations={evaluate_on[1]!r} "
-     f"and the folder eval_vqav2_images={evaluate_on[2]!r} (or all three '': evaluate on a held-out slice of the training data)"),
     (init_from == "scratch", "init_from='scratch': a model from scratch is built by assets/build_base.py; train.py post-trains one"),
     (init_from not in ("scratch", "resume") and not os.path.isfile(os.path.join(init_from, "config.json")),
      f"init_from={init_from!r}: expected 'resume' or a Hugging Face model directory (it has no config.json)"),
@@ -160,6 +153,7 @@ problems += [msg for bad, msg in [
     (refine_steps < 0 or pgd_steps < 1, f"refine_steps={refine_steps}, pgd_steps={pgd_steps}: need refine_steps >= 0, pgd_steps >= 1"),
     (debug_nan is None, f"debug_nan_at={debug_nan_at!r}: expected a comma list of iterations, e.g. '3,5'"),
 ] if bad]
+problems += data.missing_files(dataset, jsonl_path, (vqav2_questions, vqav2_annotations, vqav2_images), evaluate_on)  # named
 if problems:
     raise SystemExit("\n".join(f"config error: {p}" for p in problems))
 
@@ -278,14 +272,6 @@ def draw_delta(z, questions=None, answers=None):
     return perturber(z)
 
 
-def nonfinite(**values):
-    """The non-finite ones among these tensors, as 'name=value', e.g. ['loss=nan']. Ranks agree: when any rank
-    finds one, every rank gets a non-empty list and skips the update, so that they stay in step."""
-    found = [f"{k}={v.item():.3g}" for k, v in values.items() if not torch.isfinite(v).all()]
-    anywhere = ranks.any_rank(bool(found), device)  # a collective: every rank calls it
-    return found or (["on another rank"] if anywhere else [])
-
-
 def save(it):
     """out_dir/ckpt (checkpoint.py): the trained tensors and both optimizers' moments; what this rank alone
     holds (its hard buffer, RNG state, place in the data, skipped samples); model/, the merged model in Hugging
@@ -317,30 +303,11 @@ def stop(message):
     raise SystemExit(message)
 
 
-class Stopwatch:
-    """Each phase's (wall, CPU) milliseconds in a step, device-synchronised, for the log and bench.py; with
-    count_flops, also the first step's FLOPs (torch's FlopCounterMode, eager: bench.py's MFU)."""
-
-    def start(self):
-        self.t, self.ms, self.cpu_ms = [self.now()], {}, {}
-        self.counter = FlopCounterMode(display=False).__enter__() if count_flops and not hasattr(self, "flops") else None
-
-    def now(self):
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter(), time.process_time()
-
-    def lap(self, name):
-        self.t.append(self.now())
-        self.ms[name], self.cpu_ms[name] = (round(1e3 * (a - b), 1) for a, b in zip(self.t[-1], self.t[-2]))
-
-    def stop(self):
-        self.ms["step"], self.cpu_ms["step"] = (round(1e3 * (a - b), 1) for a, b in zip(self.t[-1], self.t[0]))
-        if self.counter:
-            self.counter.__exit__(None, None, None)
-            self.flops = self.counter.get_total_flops()
-        mem = {"mem_gb": torch.cuda.max_memory_reserved(device) / 2 ** 30} if device_type == "cuda" else {}
-        return {"ms": self.ms, "cpu_ms": self.cpu_ms, **({"flops": self.flops} if self.counter else {}), **mem}
+def clock():
+    """(wall, CPU) seconds, after the device's queued work: the log's phase timings (bench.py reads them)."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -348,7 +315,6 @@ attack = dict(eps=eps_max, relative=eps_relative, steps=eval_adv_steps) if eval_
 before = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack) if master else None  # or at the resumed checkpoint
 start_iter = iter_num  # this process trains the steps from here
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
-watch = Stopwatch()
 t0 = time.time()
 while iter_num < max_iters:
     for g in optimizer.param_groups:
@@ -362,7 +328,8 @@ while iter_num < max_iters:
     skipped += batch["skipped"]
     if not batch["images"]:  # every sample of this batch was unreadable (skip_bad): counted above, draw another
         continue
-    watch.start()
+    laps = {"start": clock()}  # each phase's end, (wall, CPU); with count_flops, the first step's FLOPs (eager)
+    flop_counter = FlopCounterMode(display=False).__enter__() if count_flops and iter_num == start_iter else None
     pixels = umm.preprocess(batch["images"])
     questions, captions, B = batch["questions"], batch["captions"], len(batch["questions"])
     answers = [max(a, key=a.count) for a in batch["answers"]]  # the annotators' most common answer (first on ties)
@@ -391,7 +358,7 @@ while iter_num < max_iters:
                 p.grad = g
             ranks.average_grads(perturber.parameters())
             grad_norm_G = torch.nn.utils.clip_grad_norm_(perturber.parameters(), grad_clip)
-            bad_G = nonfinite(loss_G=loss_G.detach(), grad_norm_G=grad_norm_G)
+            bad_G = ranks.nonfinite(device, loss_G=loss_G.detach(), grad_norm_G=grad_norm_G)
             if not bad_G:  # a NaN / inf loss or gradient: this update is skipped (counted below)
                 opt_G.step()
             opt_G.zero_grad(set_to_none=True)
@@ -407,7 +374,7 @@ while iter_num < max_iters:
         logs.update(adv=ce_adv.mean().item())
         if perturb_at == "vq":  # the share of tokens whose code the perturbation changed: does the projection keep it?
             logs["changed"] = umm.codes_changed(tokens, codes_adv).mean().item()
-        watch.lap("perturber")
+        laps["perturber"] = clock()
 
         # 5. mine: candidates, their consistency with the text, the hardest kept in the buffer
         if iter_num % mine_stride == 0 and not bad_G:  # not from a pass that went non-finite
@@ -444,7 +411,7 @@ while iter_num < max_iters:
                 H = hardness(ce, s, lambda_c, tau)
                 keep = select_hard(H, s, torch.arange(B, device=device).repeat(cand_k), q_hard, hard_topk, tau, buffer_rule)
                 if mine_log:  # every candidate, kept or not: the hardness distribution (eval.py --curves draws it)
-                    log_candidates(os.path.join(out_dir, f"mining{rank}.jsonl"), iter_num + 1, batch["sources"], ce, s, H, keep)
+                    checkpoint.log_candidates(os.path.join(out_dir, f"mining{rank}.jsonl"), iter_num + 1, batch["sources"], ce, s, H, keep)
                 items = []
                 for j in keep.tolist():
                     k, i = divmod(j, B)
@@ -453,7 +420,7 @@ while iter_num < max_iters:
                                   "answer": answers[i], "source": batch["sources"][i], "ce": ce[j].item(), "s": s[j].item()})
                 buffer.push(H[keep].cpu(), items)
             logs.update(s=s.mean().item(), kept=len(items), buffer=len(buffer))
-        watch.lap("mine")
+        laps["mine"] = clock()
 
     # 6. the understanding step: w_clean * CE(clean) + CE(hard samples from the buffer), one backward
     hard = buffer.sample(hard_bs) if game else []
@@ -478,10 +445,10 @@ while iter_num < max_iters:
     loss.backward()
     ranks.average_grads(params.values())
     grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
-    bad_D = nonfinite(loss=loss.detach(), grad_norm=grad_norm)
+    bad_D = ranks.nonfinite(device, loss=loss.detach(), grad_norm=grad_norm)
     if not bad_D:  # skipped, like the perturber's, on a non-finite loss or gradient
         optimizer.step()
-    watch.lap("understand")
+    laps["understand"] = clock()
     iter_num += 1
     bar.update(1)
     # non-finite steps: each is counted and logged; max_bad_steps in a row stop the run. The skipped updates left
@@ -498,7 +465,14 @@ while iter_num < max_iters:
     if ddp and ddp_check_interval and iter_num % ddp_check_interval == 0:
         ranks.check_identical(trained, f"iter {iter_num}")
 
-    timing = watch.stop()
+    marks = list(laps.values())  # each phase's time since the one before, and the whole step's, wall and CPU ms (bench.py)
+    timing = {key: {**{name: round(1e3 * (b[i] - a[i]), 1) for name, a, b in zip(list(laps)[1:], marks, marks[1:])},
+                    "step": round(1e3 * (marks[-1][i] - marks[0][i]), 1)} for i, key in enumerate(("ms", "cpu_ms"))}
+    if flop_counter:
+        flop_counter.__exit__(None, None, None)
+        timing["flops"] = flop_counter.get_total_flops()
+    if device_type == "cuda":
+        timing["mem_gb"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
     if master and (iter_num % log_interval == 0 or iter_num == max_iters):
         logs = {"iter": iter_num, "lr": lr_at(iter_num - 1), "loss": loss.item(), "grad_norm": grad_norm.item(), **logs,
                 "bad_steps": bad_steps, "skipped": len(skipped), "time": round(time.time() - t0, 1), **timing}
@@ -531,10 +505,7 @@ if master:
     after = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack)
     print(f"done: {iter_num - start_iter} iteration{'s' * (iter_num - start_iter != 1)} (iter {start_iter} to {iter_num}) in {t_train:.0f}s"
           + (f"; checkpoint in {ckpt_dir}" if ckpt_interval else ""))
-    head = f"at iter {start_iter}" if resume else "before"  # a resumed run's figures at its checkpoint
-    print(f"{'accuracy on ' + str(len(eval_records)) + ' eval samples':<34}{head:>{len(head) + 2}}{'after':>8}")
-    for k in after:
-        print(f"{k:<34}{before[k]:>{len(head) + 2}.3f}{after[k]:>8.3f}")
+    print(table(before, after, f"at iter {start_iter}" if resume else "before", len(eval_records)))  # resumed: at its checkpoint
     log(iter=iter_num, summary={"before": before, "after": after, "before_iter": start_iter, "eval_set": eval_set})
 if ddp:
     dist.destroy_process_group()
