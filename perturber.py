@@ -127,8 +127,8 @@ class Perturber(nn.Module):
         required), so it can learn where the answer is fragile for this image and this question rather
         than one field for all (Lee et al. 2017, Generative Adversarial Trainer). Otherwise grad is ignored.
         Seeing 'noise': each call draws one n ~ N(0, I) per sample (with `generator`, repeatably) and C sees
-        ‖z‖·n/sqrt(noise_dim) beside each token (a length near ‖z‖, as the gradient's), so each draw is
-        another attack. Seeing 'context': `question` (..., question_dim), one embedding per sample, is required.
+        ‖z‖·n beside each token (n itself on unit-norm codebook tokens; scaled with the token elsewhere), so
+        each draw is another attack. Seeing 'context': `question` (..., question_dim), one embedding per sample, is required.
 
         noise_std > 0 adds Gaussian jitter to the unit direction before renormalising, so
         repeated calls on one sample give distinct candidates for mining. Its per-coordinate
@@ -145,7 +145,7 @@ class Perturber(nn.Module):
             seen.append(_unit(grad) * z.float().norm(dim=-1, keepdim=True))
         if "noise" in self.features:  # one draw per sample, the same for all of its tokens
             n = torch.randn(z.shape[:-2] + (1, self.noise_dim), generator=generator, device=z.device)
-            seen.append(n / math.sqrt(self.noise_dim) * z.float().norm(dim=-1, keepdim=True))
+            seen.append(n * z.float().norm(dim=-1, keepdim=True))
         if len(seen) > 1:
             x = torch.cat(seen, dim=-1).to(x.dtype)
         h = self.net[1](self.net[0](x))

@@ -1558,7 +1558,8 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
                     "debug_nan_at='x': expected a comma list of iterations", "max_bad_steps=0: must be >= 1",
                     "answer_tokens=0: must be >= 1", "evaluation on VQAv2 val needs real data, the files eval_vqav2_questions='val.json'",
                     f"init_from='{tmp_path / 'nothing'}': expected 'resume' or a Hugging Face model directory",
-                    "perturber_sees='grad+nose': unknown part(s) ['nose']"]:
+                    "perturber_sees='grad+nose': unknown part(s) ['nose']",
+                    "perturber_sees='grad+nose' plays on the batch's own samples and candidates: use adversary='learned', mine='decode'"]:
         assert f"config error: {message}" in out, (message, out[-3000:])
     assert not (tmp_path / "out").exists()  # stopped before anything was written
     code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--lora_r=0"])
