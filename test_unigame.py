@@ -648,6 +648,33 @@ def test_projection_lands_on_codebook_and_passes_gradient(umm, train64):
         torch.testing.assert_close(umm.vq_decode(zq), umm.janus.model.vqmodel.decode(codes), rtol=1e-4, atol=1e-4)
 
 
+def test_under_bf16_autocast_the_projection_still_picks_the_nearest_code_in_float32(umm):
+    """bf16's 8-bit mantissa ties or swaps neighbouring codes' cosines; the choice of code is made in float32 whatever
+    the autocast, so a bf16 run plays the game on the same codes a float32 one would."""
+    z = torch.randn(8, 64, umm.codebook.shape[1], generator=gen(3))
+    codes = umm.project_to_codebook(z)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zq, codes_bf16 = umm.project_to_codebook(z)
+        in_bf16 = (F.normalize(z, dim=-1) @ umm.codebook.t()).argmax(-1)  # what the choice would be in bf16
+    assert torch.equal(codes_bf16, codes)
+    assert not torch.equal(in_bf16, codes)  # this batch is one where bf16 would choose other codes
+    torch.testing.assert_close(zq.float(), umm.codebook[codes], rtol=0, atol=1e-2)
+
+
+def test_aligner_hard_samples_are_embedded_under_bf16_autocast_as_in_float32(umm, train64):
+    """perturb_at='aligner' buffers an image and its delta (float16); step 6 re-embeds them under train.py's autocast,
+    which on CPU refused to stack float16 deltas until they were stacked in float32."""
+    images = batch_of(train64)[0]
+    deltas = 0.1 * torch.randn(len(images), umm.num_image_tokens, umm.token_dim("aligner"), generator=gen(5))
+    items = [{"image": im, "delta": d.half()} for im, d in zip(images, deltas)]
+    with torch.no_grad():
+        ref = umm.buffered_embeds(items)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = umm.buffered_embeds(items)
+    torch.testing.assert_close(ref, umm.image_embeds(umm.preprocess(images)) + deltas.half().float())
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)  # bf16 rounding of the vision tower and aligner
+
+
 # ---------------------------------------------------------------- LoRA
 
 def test_lora_merge_leaves_outputs_unchanged(tok, train64):
