@@ -34,7 +34,7 @@ import checkpoint
 from data import (BadData, caption_qa, describe_skips, load_image, load_jsonl, load_vqav2, oracle_score, read_attrs, readable,
                   shapes_world)
 from data import skipped as bad_samples  # what the loaders and readable skipped (skip_bad)
-from perturber import Perturber, input_gradient, pgd_attack, random_like
+from perturber import Perturber, parse_sees, pgd_attack, random_like
 
 # -----------------------------------------------------------------------------------------------
 ckpt = "assets/shapes-base"
@@ -292,12 +292,13 @@ def perturbed_embed(umm, delta_fn, at="vq"):
     return embed
 
 
-def perturber_delta(umm, perturber, at="vq"):
-    """A Perturber as a delta function (tokens, questions, answers) -> δ. One that sees the gradient
-    (sees='grad') gets the gradient of the answer loss at the clean tokens, as in training."""
-    if perturber.sees == "grad":
-        return lambda t, q, a: perturber(t, grad=input_gradient(lambda x: umm.perturbed_loss(x, q, a, at), t))
-    return lambda t, q, a: perturber(t)
+def perturber_delta(umm, perturber, at="vq", seed=0):
+    """A Perturber as a delta function (tokens, questions, answers) -> δ, seeing what it saw in training
+    (UMM.perturber_inputs): the gradient of the answer loss at the clean tokens, the question's embedding.
+    One that sees noise draws it afresh on each call, from a generator of its own seeded with `seed`: the
+    figures repeat, and a training run's RNG (its mining, its exact resume) is not touched."""
+    g = torch.Generator(device=umm.device).manual_seed(seed)
+    return lambda t, q, a: perturber(t, generator=g, **umm.perturber_inputs(perturber, t, q, a, at))
 
 
 @torch.no_grad()
@@ -496,10 +497,13 @@ def own_perturber(path, device="cpu"):
     spec = trained_budget(path)
     dim, hidden = tensors["net.4.weight"].shape
     lo, hi = float(spec["eps_min"]), float(spec["eps_max"])
-    perturber = Perturber(dim, hidden, lo, hi, eps_init=(lo + hi) / 2, relative=bool(spec["relative"]), sees=spec["sees"])  # θ_ε is loaded
+    sizes = {"noise_dim": tensors["net.0.weight"].shape[1] - dim * (2 if "grad" in parse_sees(spec["sees"]) else 1),  # the rest of its input
+             "question_dim": tensors["question.weight"].shape[1] if "question.weight" in tensors else 0,
+             "tokens": len(tensors["pos"]) if "pos" in tensors else 0}
+    perturber = Perturber(dim, hidden, lo, hi, eps_init=(lo + hi) / 2, relative=bool(spec["relative"]), sees=spec["sees"], **sizes)  # θ_ε is loaded
     perturber.load_state_dict(tensors)
     perturber.to(device).eval().requires_grad_(False)
-    return perturber, {**spec, "eps": perturber.eps.item(), "source": source}
+    return perturber, {**spec, "sees": perturber.sees, "eps": perturber.eps.item(), "source": source}  # sees: canonical
 
 
 # ---- the hard buffer's labels ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from transformers import (AutoTokenizer, DynamicCache, JanusConfig, JanusForCond
                           JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast, StaticCache)
 from transformers.utils import logging as hf_logging
 
-from perturber import Perturber
+from perturber import Perturber, input_gradient
 
 # Janus-Pro's special tokens, spelled exactly as in its tokenizer.
 PAD, BOS, EOS = "<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -528,6 +528,31 @@ class UMM(nn.Module):
         """Per-sample answer cross-entropy of the view of (perturbed) tokens (perturbed_view): what an attack ascends."""
         return self.answer_loss(self.perturbed_view(tokens, at)[0], questions, answers)
 
+    @property
+    def text_dim(self):
+        """The LM's width: of its input embeddings, of question_embeds, and of the tokens after the aligner."""
+        return self.janus.config.text_config.hidden_size
+
+    @torch.no_grad()
+    def question_embeds(self, questions):
+        """Each question's mean LM input embedding, (B, text_dim) float32, detached: the question's own tokens,
+        without the prompt around them. What a perturber that sees the context reads of the question."""
+        ids, mask, _ = (t.to(self.device) for t in _left_pad(
+            [self.tokenizer(q.strip(), add_special_tokens=False).input_ids or [self.pad_id] for q in questions], self.pad_id))
+        embeds = self.janus.model.language_model.get_input_embeddings()(ids).float()
+        return (embeds * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    def perturber_inputs(self, perturber, tokens, questions, answers, at="vq"):
+        """What a Perturber sees beside the clean tokens, as keyword arguments for it: with 'grad' in its sees, the
+        answer loss's gradient at the tokens (perturber.input_gradient); with 'context', the questions' embeddings.
+        Training and evaluation both call this, so a perturber is evaluated on what it was trained on."""
+        seen = {}
+        if "grad" in perturber.features:
+            seen["grad"] = input_gradient(lambda t: self.perturbed_loss(t, questions, answers, at), tokens)
+        if "context" in perturber.features:
+            seen["question"] = self.question_embeds(questions)
+        return seen
+
     def image_codes(self, pixels):
         """VQ codes (B, N) of images: the generation targets."""
         return self.project_to_codebook(self.vq_encode(pixels))[1]
@@ -756,7 +781,7 @@ def load_perturber(path, device="cpu"):
     meta = _read_json(os.path.join(path, "perturber.json"))
     if not meta:
         raise FileNotFoundError(f"{path}: no perturber.json")
-    perturber = Perturber(**{k: meta[k] for k in ("dim", "hidden", "eps_min", "eps_max", "eps_init", "relative")},
-                          sees=meta.get("sees", "token"))
+    sizes = ("dim", "hidden", "eps_min", "eps_max", "eps_init", "relative", "noise_dim", "question_dim", "tokens")
+    perturber = Perturber(**{k: meta[k] for k in sizes if k in meta}, sees=meta.get("sees", "token"))
     perturber.load_state_dict(load_file(os.path.join(path, "perturber.safetensors")))
     return perturber.to(device), meta

@@ -7,10 +7,15 @@ chooses *where* to push a token but never *how far*:
     relative=False   δ = ε · normalize(C(z))          ‖δ‖ = ε            (absolute, as published)
     relative=True    δ = ε · ‖z‖ · normalize(C(z))    ‖δ‖ / ‖z‖ = ε      (scale-free)
 
+Besides its token, C may see (`sees`, a '+'-joined set): the loss's gradient at it ('grad'), a noise vector
+per sample ('noise': each draw another attack), the sample's token grid and its question ('context'). The
+budget is the same whatever it sees.
+
 Also here: the regulariser R(δ) of the perturber's loss, a random perturbation of the
 same budget (the baseline), PGD on δ itself (the fresh attack that measures robustness,
 and the strong baseline adversary), one PGD step (which refines the perturber's δ with
-the gradient its own update computes), and direction jitter for mining candidates. This file imports only torch so that it can be copied into other repos.
+the gradient its own update computes), and direction jitter for mining candidates. This file imports only
+torch so that it can be copied into other repos.
 """
 import math
 
@@ -19,6 +24,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _TINY = 1e-12  # floor for norms we divide by: zero tokens and zero gradients must not give NaN
+SEES = ("token", "grad", "noise", "context")  # what a Perturber can see; its `sees` is a '+'-joined set of these
+
+
+def parse_sees(sees):
+    """The features a perturber with this `sees` reads, in SEES order ('token' always: every set includes the token
+    itself). 'grad+noise', 'noise+grad' and 'token+grad+noise' are one set. A part not in SEES is a ValueError naming it."""
+    parts = sees.split("+")
+    bad = [p for p in parts if p not in SEES]
+    if bad:
+        raise ValueError(f"sees={sees!r}: unknown part {bad[0]!r}; expected a '+'-joined set of {', '.join(map(repr, SEES))}, "
+                         "e.g. 'grad+noise'")
+    return tuple(f for f in SEES if f == "token" or f in parts)
 
 
 def _unit(x):
@@ -56,18 +73,35 @@ class Perturber(nn.Module):
     a 4.4 M model); dim // 4 gives 37 k there (0.84 %) and 9.4 M at Janus-Pro-7B's
     LM width 4096 (0.13 %). The floor of 32 keeps some capacity on narrow codebooks
     (Janus's VQ codebook vectors are 8-dimensional).
+
+    What C sees, `sees`: a '+'-joined set of SEES, the token itself always among it (parse_sees):
+    - 'token' alone: each token alone, the published perturber;
+    - 'grad': each token beside the loss's gradient at it (forward's grad);
+    - 'noise': a noise vector per sample, N(0, I) of noise_dim, shared by its tokens, so that draws of one
+      perturber on one sample are different attacks rather than one (mining's candidates);
+    - 'context': the sample's token grid and its question: after C's first layer, the question's embedding
+      (forward's question, question_dim wide, e.g. the mean of the LM's input embeddings of its tokens) through
+      a Linear is added to every token, then one self-attention layer over the sample's tokens, with a learned
+      position embedding when `tokens` (the grid's length) is given. At hidden 32 and a 256-wide LM: 16 k parameters.
+    The sees string is kept in its canonical form ('token+grad' is 'grad'), and config() names the extra
+    sizes only of the features present, so a 'token' or 'grad' perturber reads and writes as before.
     """
 
-    def __init__(self, dim, hidden=None, eps_min=0.0, eps_max=0.02, eps_init=0.01, relative=True, sees="token"):
+    def __init__(self, dim, hidden=None, eps_min=0.0, eps_max=0.02, eps_init=0.01, relative=True, sees="token",
+                 noise_dim=8, question_dim=0, tokens=0):
         super().__init__()
         if not eps_min < eps_init < eps_max:  # sigmoid reaches neither end, so eps_init must lie strictly inside
             raise ValueError(f"need eps_min < eps_init < eps_max, got {eps_min}, {eps_init}, {eps_max}")
-        if sees not in ("token", "grad"):
-            raise ValueError(f"sees={sees!r}: expected 'token' or 'grad'")
+        self.features = parse_sees(sees)
+        if "context" in self.features and question_dim < 1:
+            raise ValueError(f"sees={sees!r}: a perturber that sees the context needs question_dim, the question embedding's width")
+        if "noise" in self.features and noise_dim < 1:
+            raise ValueError(f"sees={sees!r}: a perturber that sees noise needs noise_dim >= 1, got {noise_dim}")
         hidden = hidden or max(32, dim // 4)
-        self.sees = sees
+        self.sees = "+".join(self.features[1:]) or "token"
+        self.noise_dim = noise_dim if "noise" in self.features else 0
         self.net = nn.Sequential(
-            nn.Linear(dim * (2 if sees == "grad" else 1), hidden), nn.GELU(),
+            nn.Linear(dim * (2 if "grad" in self.features else 1) + self.noise_dim, hidden), nn.GELU(),
             nn.Linear(hidden, hidden), nn.GELU(),
             nn.Linear(hidden, dim, bias=False),
         )
@@ -75,18 +109,26 @@ class Perturber(nn.Module):
         p = (eps_init - eps_min) / (eps_max - eps_min)
         self.theta_eps = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
         self.eps_min, self.eps_max, self.eps_init, self.relative = eps_min, eps_max, eps_init, relative
+        if "context" in self.features:  # the question, added to every token, then one attention layer over the grid
+            self.question = nn.Linear(question_dim, hidden)
+            self.attn = nn.MultiheadAttention(hidden, num_heads=1, batch_first=True)
+            self.pos = nn.Parameter(0.02 * torch.randn(tokens, hidden)) if tokens else None
 
     @property
     def eps(self):
         """The current budget ε, a 0-dim tensor differentiable w.r.t. θ_ε."""
         return self.eps_min + (self.eps_max - self.eps_min) * torch.sigmoid(self.theta_eps)
 
-    def forward(self, z, grad=None, noise_std=0.0, generator=None):
-        """δ for tokens z of shape (..., dim); same shape and dtype as z.
+    def forward(self, z, grad=None, noise_std=0.0, generator=None, question=None):
+        """δ for tokens z of shape (..., dim); same shape and dtype as z. With 'noise' or 'context' in sees, z is
+        (..., N, dim): a sample's N tokens.
 
-        sees='grad': C sees each token beside the loss's gradient at it, [z, ‖z‖·g/‖g‖] (input_gradient;
+        Seeing 'grad': C sees each token beside the loss's gradient at it, [z, ‖z‖·g/‖g‖] (input_gradient;
         required), so it can learn where the answer is fragile for this image and this question rather
-        than one field for all (Lee et al. 2017, Generative Adversarial Trainer). sees='token' ignores grad.
+        than one field for all (Lee et al. 2017, Generative Adversarial Trainer). Otherwise grad is ignored.
+        Seeing 'noise': each call draws one n ~ N(0, I) per sample (with `generator`, repeatably) and C sees
+        ‖z‖·n beside each token (n itself on unit-norm codebook tokens; scaled with the token elsewhere), so
+        each draw is another attack. Seeing 'context': `question` (..., question_dim), one embedding per sample, is required.
 
         noise_std > 0 adds Gaussian jitter to the unit direction before renormalising, so
         repeated calls on one sample give distinct candidates for mining. Its per-coordinate
@@ -96,11 +138,24 @@ class Perturber(nn.Module):
         (on z's device) makes draws repeatable.
         """
         x = z.to(self.net[0].weight.dtype)  # a float32 perturber on 16-bit tokens
-        if self.sees == "grad":
+        seen = [x]
+        if "grad" in self.features:
             if grad is None:
-                raise ValueError("a perturber with sees='grad' needs grad, the loss's gradient at z (input_gradient)")
-            x = torch.cat([x, _unit(grad) * z.float().norm(dim=-1, keepdim=True)], dim=-1).to(x.dtype)
-        u = _unit(self.net(x))
+                raise ValueError(f"a perturber with sees={self.sees!r} needs grad, the loss's gradient at z (input_gradient)")
+            seen.append(_unit(grad) * z.float().norm(dim=-1, keepdim=True))
+        if "noise" in self.features:  # one draw per sample, the same for all of its tokens
+            n = torch.randn(z.shape[:-2] + (1, self.noise_dim), generator=generator, device=z.device)
+            seen.append(n * z.float().norm(dim=-1, keepdim=True))
+        if len(seen) > 1:
+            x = torch.cat(seen, dim=-1).to(x.dtype)
+        h = self.net[1](self.net[0](x))
+        if "context" in self.features:
+            if question is None:
+                raise ValueError(f"a perturber with sees={self.sees!r} needs question, the question's embedding (one per sample)")
+            h = h + self.question(question.to(h.dtype)).unsqueeze(-2)
+            a = (h if self.pos is None else h + self.pos).reshape(-1, *h.shape[-2:])  # (samples, N, hidden)
+            h = h + self.attn(a, a, a, need_weights=False)[0].reshape(h.shape)
+        u = _unit(self.net[2:](h))
         if noise_std > 0:
             noise = torch.randn(u.shape, generator=generator, device=u.device)
             u = _unit(u + noise_std / math.sqrt(u.shape[-1]) * noise)
@@ -109,8 +164,11 @@ class Perturber(nn.Module):
     def config(self):
         """The constructor arguments, as a plain dict (for a JSON file): Perturber(**p.config()) has the same
         shape and budget range; the learned weights and θ_ε (so the current ε) are in state_dict()."""
+        extra = {"noise_dim": self.noise_dim} if self.noise_dim else {}
+        if "context" in self.features:
+            extra.update(question_dim=self.question.in_features, tokens=0 if self.pos is None else len(self.pos))
         return {"dim": self.net[-1].out_features, "hidden": self.net[0].out_features, "eps_min": self.eps_min,
-                "eps_max": self.eps_max, "eps_init": self.eps_init, "relative": self.relative, "sees": self.sees}
+                "eps_max": self.eps_max, "eps_init": self.eps_init, "relative": self.relative, "sees": self.sees, **extra}
 
     def extra_repr(self):
         return f"eps in [{self.eps_min}, {self.eps_max}], relative={self.relative}, sees={self.sees!r}"

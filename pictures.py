@@ -130,7 +130,8 @@ def sample_views(umm, records, perturber=None, own_at="vq", at="vq", eps=0.3, re
                    ("VQ reconstruction", perturbed(umm.visual_tokens(px, "vq"), 0.0, "vq", count=False))]
         if perturber is not None:
             tokens = umm.visual_tokens(px, own_at)
-            columns.append((f"its perturber, eps {perturber.eps.item():.3g}", perturbed(tokens, perturber(tokens), own_at)))
+            delta = ev.perturber_delta(umm, perturber, own_at, seed)(tokens, questions, labels)  # seeing what it saw in training
+            columns.append((f"its perturber, eps {perturber.eps.item():.3g}", perturbed(tokens, delta, own_at)))
         else:
             columns.append(("its perturber", [{"image": None, "answer": None, "note": "none in this checkpoint"} for _ in records]))
         tokens = umm.visual_tokens(px, at)

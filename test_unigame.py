@@ -1117,11 +1117,12 @@ def test_eps_init_outside_the_range_is_rejected():
         Perturber(dim=8, eps_min=0.0, eps_max=0.02, eps_init=0.02)
 
 
-def test_gradients_reach_every_perturber_parameter():
+@pytest.mark.parametrize("sees", ["token", "grad+noise+context"])
+def test_gradients_reach_every_perturber_parameter(sees):
     torch.manual_seed(0)
-    p = Perturber(dim=16)
+    p = Perturber(dim=16, sees=sees, question_dim=64, tokens=9)
     z = torch.randn(2, 9, 16)
-    delta = p(z)
+    delta = p(z, **perturber_inputs(p, z))
     ((z + delta) ** 3).sum().backward()
     for name, param in p.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -1153,9 +1154,93 @@ def test_a_perturber_that_sees_the_gradient_aims_with_it_and_keeps_the_budget():
     assert torch.equal(again(z, grad=g), d) and p.config()["dim"] == 16
 
 
-def test_perturber_is_under_one_percent_of_a_tiny_janus():
-    n = sum(t.numel() for t in Perturber(dim=256).parameters())
-    assert n < 0.01 * 4.4e6, n
+def perturber_inputs(p, z, seed=0):
+    """What each feature of p's sees needs beside z (a gradient, a question embedding of 64), made up."""
+    g = gen(seed)
+    return {"grad": torch.randn(z.shape, generator=g), "question": torch.randn(z.shape[:-2] + (64,), generator=g)}
+
+
+@pytest.mark.parametrize("sees", ["noise", "grad+noise", "context", "grad+noise+context"])
+def test_every_perturber_keeps_the_budget_exactly_whatever_it_sees(sees):
+    torch.manual_seed(0)
+    p = Perturber(dim=16, sees=sees, question_dim=64, tokens=9)
+    z = torch.randn(3, 9, 16) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
+    z[0, 4] = 0.0  # an all-zero token
+    d = p(z, **perturber_inputs(p, z))
+    assert d.shape == z.shape and torch.isfinite(d).all() and d[0, 4].abs().max() == 0
+    assert close(token_norms(d), p.eps.item() * token_norms(z))
+
+
+def test_sees_is_a_set_of_features_each_part_validated_by_name():
+    assert Perturber(dim=8, sees="token+noise+grad").sees == "grad+noise" and Perturber(dim=8, sees="token+grad").sees == "grad"
+    assert Perturber(dim=8, sees="context+grad", question_dim=4).features == ("token", "grad", "context")
+    for bad, part in [("grad+nose", "nose"), ("grad+", ""), ("Token", "Token")]:
+        with pytest.raises(ValueError, match=f"sees='{re.escape(bad)}': unknown part '{part}'"):
+            Perturber(dim=8, sees=bad)
+    with pytest.raises(ValueError, match="needs question_dim"):
+        Perturber(dim=8, sees="context")
+    # the published perturber and the gradient-seeing one keep their parameters and configuration as before
+    mlp = {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight", "theta_eps"}
+    for sees in ("token", "grad"):
+        p = Perturber(dim=8, sees=sees, question_dim=4, tokens=9)
+        assert set(p.state_dict()) == mlp and set(p.config()) == {"dim", "hidden", "eps_min", "eps_max", "eps_init", "relative", "sees"}
+
+
+def test_noise_draws_are_different_attacks_one_per_sample_and_a_seed_repeats_them():
+    torch.manual_seed(0)
+    p = Perturber(dim=16, sees="noise")
+    z = torch.randn(1, 9, 16).repeat(2, 1, 1)  # two samples with the same tokens
+    z[:, 3] = z[:, 2]  # and two equal tokens within each
+    d = p(z, generator=gen(0))
+    assert torch.equal(p(z, generator=gen(0)), d)  # a seed repeats its draw
+    assert not torch.allclose(d[0], d[1], atol=1e-4)  # one draw per sample: the same tokens, another attack
+    assert close(d[:, 2], d[:, 3], atol=1e-7)  # shared by the sample's tokens: equal tokens, equal delta
+    other = p(z, generator=gen(1))
+    assert (torch.cosine_similarity(d, other, dim=-1) < 0.999).all()  # each token's direction moves with the draw
+    assert close(token_norms(other), p.eps.item() * token_norms(z))
+
+
+def test_a_context_perturber_reads_the_question_and_the_other_tokens(umm):
+    torch.manual_seed(0)
+    q = umm.question_embeds(["what color is the circle?", "how many shapes are there?"])
+    assert q.shape == (2, umm.text_dim) and not q.requires_grad and not torch.allclose(q[0], q[1])
+    p = Perturber(dim=8, sees="context", question_dim=umm.text_dim, tokens=9)
+    z = torch.randn(1, 9, 8).repeat(2, 1, 1)  # one image, two questions
+    d = p(z, question=q)
+    assert not torch.allclose(d[0], d[1], atol=1e-5)  # the question steers it
+    moved = z.clone()
+    moved[:, 0] = torch.randn(8)  # another token 0
+    assert (p(moved, question=q)[:, 1:] - d[:, 1:]).norm(dim=-1).min() > 1e-5  # every other token's delta moves with it
+    mlp = Perturber(dim=8)
+    assert close(mlp(moved)[:, 1:], mlp(z)[:, 1:], atol=1e-7)  # (the published perturber: each token alone)
+    with pytest.raises(ValueError, match="needs question"):
+        p(z)
+
+
+@pytest.mark.parametrize("sees", ["grad+noise", "context", "grad+noise+context"])
+def test_a_perturber_round_trips_through_its_json_whatever_it_sees(sees, tmp_path):
+    torch.manual_seed(0)
+    p = Perturber(dim=16, sees=sees, question_dim=64, tokens=9, eps_max=0.3, eps_init=0.1)
+    with torch.no_grad():
+        p.theta_eps.fill_(0.7)
+        for w in p.parameters():
+            w.add_(0.01 * torch.randn_like(w))  # trained weights
+    save_perturber(p, tmp_path, perturb_at="vq")
+    again, meta = load_perturber(str(tmp_path))
+    assert meta["sees"] == sees and meta.get("noise_dim") == (8 if "noise" in sees else None)
+    assert (meta.get("question_dim"), meta.get("tokens")) == ((64, 9) if "context" in sees else (None, None))
+    z = torch.randn(2, 9, 16)
+    kw = perturber_inputs(p, z)
+    assert torch.equal(again(z, generator=gen(3), **kw), p(z, generator=gen(3), **kw)) and torch.equal(again.eps, p.eps)
+
+
+@pytest.mark.parametrize("at, dim, lm, tokens, model", [("vq", 8, 256, 64, 4.4e6), ("vq", 8, 4096, 576, 7e9), ("aligner", 4096, 4096, 576, 7e9)])
+def test_perturber_is_under_one_percent_of_the_backbone_whatever_it_sees(at, dim, lm, tokens, model):
+    """The tiny base (4.4 M; 8-wide codebook, 256-wide LM, 8 x 8 grid) and Janus-Pro-7B (576 tokens, 4096-wide LM), seeing
+    all there is to see (every other set is a part of it)."""
+    n = sum(t.numel() for t in Perturber(dim=dim, sees="grad+noise+context", question_dim=lm, tokens=tokens).parameters())
+    assert n < 0.01 * model, n
+    assert sum(t.numel() for t in Perturber(dim=256).parameters()) < 0.01 * 4.4e6  # the published one at the tiny base's aligner
 
 
 # ---------------------------------------------------------------- regulariser
@@ -1489,7 +1574,7 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
                          "--hard_bs=-1", "--q_hard=1.5", "--eps_min=0.2", "--eps_max=0.1", "--lora_r=0", "--mine=draw",
                          "--export_dtype=float8", "--train_n=8", "--batch_size=16", "--debug_nan_at=x", "--max_bad_steps=0",
                          "--train_modules=vision,ears", f"--init_from={tmp_path / 'nothing'}", "--answer_tokens=0",
-                         "--eval_vqav2_questions=val.json"])
+                         "--eval_vqav2_questions=val.json", "--perturber_sees=grad+nose"])
     assert code != 0 and "Traceback" not in out, out[-3000:]
     for message in ["max_iters=0: must be >= 1", "hard_bs=-1: must be >= 0", "q_hard=1.5: a quantile, must lie in [0, 1]",
                     "eps_min=0.2, eps_init=0.15, eps_max=0.1: need 0 <= eps_min < eps_init < eps_max",
@@ -1499,7 +1584,9 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
                     "train_modules='vision,ears': unknown part(s) ['ears']",
                     "debug_nan_at='x': expected a comma list of iterations", "max_bad_steps=0: must be >= 1",
                     "answer_tokens=0: must be >= 1", "evaluation on VQAv2 val needs real data, the files eval_vqav2_questions='val.json'",
-                    f"init_from='{tmp_path / 'nothing'}': expected 'resume' or a Hugging Face model directory"]:
+                    f"init_from='{tmp_path / 'nothing'}': expected 'resume' or a Hugging Face model directory",
+                    "perturber_sees='grad+nose': unknown part(s) ['nose']",
+                    "perturber_sees='grad+nose' plays on the batch's own samples and candidates: use adversary='learned', mine='decode'"]:
         assert f"config error: {message}" in out, (message, out[-3000:])
     assert not (tmp_path / "out").exists()  # stopped before anything was written
     code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--lora_r=0"])
@@ -1645,7 +1732,8 @@ def test_the_random_control_arm_fills_the_buffer_but_never_trains_the_perturber(
     assert not any(k.startswith("perturber.") for k in moments)  # its optimizer never stepped
 
 
-@pytest.mark.parametrize("adversary", ["learned", "pgd", "learned --perturber_sees=grad"])
+@pytest.mark.parametrize("adversary", ["learned", "pgd", "learned --perturber_sees=grad", "learned --perturber_sees=grad+noise",
+                                       "learned --perturber_sees=context"])
 def test_the_log_tells_whether_the_game_is_played(small_dir, tmp_path, adversary):
     adversary, *sees = adversary.split()
     quick_train(small_dir, tmp_path, "--max_iters=2", f"--adversary={adversary}", "--pgd_steps=2", "--refine_steps=2", "--tau=-1.0",
@@ -1660,10 +1748,15 @@ def test_the_log_tells_whether_the_game_is_played(small_dir, tmp_path, adversary
     assert "under_pgd_1_steps" in after and ("under_perturber" in after) == (adversary == "learned")
     moments = load_file(tmp_path / "ckpt" / "optim.safetensors")
     assert any(k.startswith("perturber.") for k in moments) == (adversary == "learned")  # PGD has nothing to learn
-    if sees:  # eval.py rebuilds the perturber that sees the gradient, from the checkpoint and from its export beside the model
+    if sees:  # eval.py rebuilds the perturber, from the checkpoint and from its export beside the model, and evaluates it as trained
+        sees, umm, recs = sees[0].split("=")[1], ev.load(str(tmp_path), "cpu"), world("test", 4)
+        tokens, deltas = umm.visual_tokens(ev._pixels(umm, recs)), []
         for path in (tmp_path, tmp_path / "ckpt" / "model"):
             own, info = ev.own_perturber(str(path))
-            assert own.sees == "grad" and info["sees"] == "grad"
+            assert own.sees == sees and info["sees"] == sees
+            deltas.append(ev.perturber_delta(umm, own)(tokens, [r["question"] for r in recs], [ev.label(r) for r in recs]))
+        assert torch.equal(*deltas)
+        assert 0 <= ev.understanding_accuracy(umm, recs, ev.perturbed_embed(umm, ev.perturber_delta(umm, own)), progress=False) <= 1
 
 
 # ---------------------------------------------------------------- the Janus-Pro 7B configuration end to end

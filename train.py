@@ -29,7 +29,7 @@ import ranks
 from buffer import HardBuffer, hardness, select_hard
 from eval import evaluate, summary, table
 from model import UMM, check_weights, clip_scorer, compiled_graphs, save_perturber
-from perturber import Perturber, input_gradient, jitter, pgd_attack, pgd_refine, random_like, regularizer
+from perturber import SEES, Perturber, jitter, pgd_attack, pgd_refine, random_like, regularizer
 
 # -----------------------------------------------------------------------------------------------
 # configuration
@@ -70,8 +70,8 @@ adversary = "learned"  # 'learned': the perturber plays | 'pgd': PGD adversarial
 #   'random': the control arm, unaimed directions at eps_max; all three through the same encode-project-decode path and buffer
 refine_steps = 0  # adversary='learned': PGD steps refining the perturber's delta (a learned start; the first reuses the
 #   gradient of the perturber's own update, so costs one forward); 0: the published perturber alone (README: the adversary)
-perturber_sees = "token"  # 'token': each token alone (the published perturber) | 'grad': the token and the answer
-#   loss's gradient at it (one backward to the tokens per step; perturber.input_gradient); README: the adversary
+perturber_sees = "token"  # 'token': each token alone (the published perturber) | a '+'-joined set of grad (the answer loss's
+#   gradient at it, one backward), noise (per sample: mining's candidates are fresh draws), context (the grid, the question)
 refine_size = 1.25  # their step, in units of eps (1.25: FGSM from a start in the ball, Wong et al. 2020)
 pgd_steps = 3  # adversary='pgd': attack steps of 2.5 * eps_max / pgd_steps from a random start in the ball
 perturb_at = "vq"  # 'vq': codebook-space tokens, projected and decoded | 'aligner': tokens after the aligner
@@ -127,7 +127,7 @@ at_least = dict(max_iters=1, batch_size=1, hard_bs=0, lora_r=0, cand_k=1, hard_t
                 log_interval=1, ckpt_interval=0, max_bad_steps=1, eval_interval=0, ddp_check_interval=0, num_workers=0, threads=0, answer_tokens=1)
 problems = [f"{k}={globals()[k]}: must be >= {least}" for k, least in at_least.items() if globals()[k] < least]
 choices = dict(perturb_at=("vq", "aligner"), mine=("decode", "generate"), buffer_rule=("consistent", "published"),
-               adversary=("learned", "random", "pgd"), perturber_sees=("token", "grad"), dataset=("shapes", "vqav2", "jsonl"), dtype=floats, load_dtype=floats, export_dtype=floats)
+               adversary=("learned", "random", "pgd"), dataset=("shapes", "vqav2", "jsonl"), dtype=floats, load_dtype=floats, export_dtype=floats)
 problems += [f"{k}={globals()[k]!r}: expected one of {', '.join(map(repr, v))}" for k, v in choices.items() if globals()[k] not in v]
 problems += [msg for bad, msg in [
     (not 0 <= q_hard <= 1, f"q_hard={q_hard}: a quantile, must lie in [0, 1]"),
@@ -148,8 +148,9 @@ problems += [msg for bad, msg in [
     (ddp_timeout_s <= 0, f"ddp_timeout_s={ddp_timeout_s}: must be > 0"),
     (grad_clip <= 0, f"grad_clip={grad_clip}: must be > 0"),
     (adversary == "pgd" and mine != "decode", "adversary='pgd' attacks the batch's own images: use mine='decode'"),
-    (perturber_sees == "grad" and (adversary != "learned" or mine != "decode"),
-     "perturber_sees='grad' aims at the batch's own answers: use adversary='learned', mine='decode'"),
+    (set(perturber_sees.split("+")) - set(SEES), f"perturber_sees={perturber_sees!r}: unknown part(s) {sorted(set(perturber_sees.split('+')) - set(SEES))}; a '+'-joined set of {', '.join(SEES)}"),
+    (set(perturber_sees.split("+")) - {"token"} and (adversary != "learned" or mine != "decode"),
+     f"perturber_sees={perturber_sees!r} plays on the batch's own samples and candidates: use adversary='learned', mine='decode'"),
     (refine_steps < 0 or pgd_steps < 1, f"refine_steps={refine_steps}, pgd_steps={pgd_steps}: need refine_steps >= 0, pgd_steps >= 1"),
     (debug_nan is None, f"debug_nan_at={debug_nan_at!r}: expected a comma list of iterations, e.g. '3,5'"),
 ] if bad]
@@ -218,7 +219,7 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, 
 
 # ---- the adversary: a perturber at the visual-token interface, its optimizer, and the hard buffer -----
 perturber = Perturber(umm.token_dim(perturb_at), eps_min=eps_min, eps_max=eps_max, eps_init=eps_init, relative=eps_relative,
-                      sees=perturber_sees).to(device)
+                      sees=perturber_sees, question_dim=umm.text_dim, tokens=umm.num_image_tokens).to(device)
 opt_G = torch.optim.AdamW(perturber.parameters(), lr=lr_G, weight_decay=0.0)
 buffer = HardBuffer(buffer_capacity, buffer_temperature)  # per rank: each process mines and trains on its own
 clip_score = clip_scorer(clip_path, device) if clip_path else None
@@ -260,16 +261,14 @@ def lr_at(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def draw_delta(z, questions=None, answers=None):
-    """A perturbation of tokens z inside the budget: the perturber's; for adversary='pgd' a fresh PGD attack on the
-    answers (pgd_steps, radius eps_max); in the control arm (adversary='random') a random direction at eps_max."""
+def draw_delta(z, questions=None, answers=None, seen=None):
+    """A perturbation of tokens z inside the budget: the perturber's (seeing `seen` too); for adversary='pgd' a fresh PGD attack
+    on the answers (pgd_steps, radius eps_max); in the control arm (adversary='random') a random direction at eps_max."""
     if adversary == "random":
         return random_like(z, eps_max, eps_relative)
     if adversary == "pgd":
         return pgd_attack(lambda t: umm.perturbed_loss(t, questions, answers, perturb_at), z, eps_max, pgd_steps, relative=eps_relative)
-    if perturber_sees == "grad":
-        return perturber(z, grad=input_gradient(lambda t: umm.perturbed_loss(t, questions, answers, perturb_at), z))
-    return perturber(z)
+    return perturber(z, **(seen or {}))
 
 
 def save(it):
@@ -342,8 +341,9 @@ while iter_num < max_iters:
             # 1. encode the images to the tokens the game is played on
             with torch.no_grad():
                 tokens = umm.visual_tokens(pixels, perturb_at)
-            # 2. perturb them, inside the budget
-            delta = draw_delta(tokens, questions, answers)
+            # 2. perturb them, inside the budget (the perturber sees what its sees names: UMM.perturber_inputs)
+            seen = umm.perturber_inputs(perturber, tokens, questions, answers, perturb_at) if adversary == "learned" else {}
+            delta = draw_delta(tokens, questions, answers, seen)
             # 3. project onto the decoder's manifold (nearest codebook entries, straight-through) and decode
             emb_adv, px_adv, codes_adv = umm.perturbed_view(tokens + delta, perturb_at)
             # 4. the perturber's move: maximise the understanding loss on what it made, minus R(delta)
@@ -381,10 +381,10 @@ while iter_num < max_iters:
             with torch.no_grad(), ctx:
                 ref = umm.image_embeds(pixels).mean(1)  # s is measured against the real image of the same text
                 cands = []  # (understanding embeds, pixels, CE, what the buffer stores of each candidate)
-                if mine == "decode":  # this batch's adversarial images, plus draws around them (direction jitter)
+                if mine == "decode":  # this batch's adversarial images, plus other draws: direction jitter, or fresh noise
                     clean_u8 = umm.to_uint8(pixels) if perturb_at == "aligner" else None
                     for k in range(cand_k):
-                        t = tokens + (delta if k == 0 else jitter(delta, cand_noise))
+                        t = tokens + (delta if k == 0 else perturber(tokens, **seen) if perturber.noise_dim else jitter(delta, cand_noise))
                         e, px, codes = (emb_adv, px_adv, codes_adv) if k == 0 else umm.perturbed_view(t, perturb_at)
                         ce = ce_adv if k == 0 else umm.answer_loss(e, questions, answers)
                         store = {"codes": codes} if perturb_at == "vq" else {"image": clean_u8, "delta": (t - tokens).half()}
