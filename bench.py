@@ -10,11 +10,12 @@ device-synchronised); bench.py drops the warm-up steps and reports medians:
     unigame_generate   the same with mine='generate'
     generate_dynamic   image generation, UMM.generate_images with the dynamic KV cache
     generate_static    the same with the static KV cache (and, on CUDA, the compiled decode step)
+    vq                 the VQ model's work in one perturb_at='vq' UniGame step, timed alone: its share of that step
 
 and reports step time, samples/s, each phase (perturber: steps 1-4 and the perturber's update; mine:
 step 5; understand: step 6), peak memory and, on CUDA, model FLOPs utilisation and the compile
 speed-up over eager. With compile (CUDA's default) a training benchmark is one train.py run with
---compile=False and one with --compile=True; on a GPU of known peak, one more, of a single eager step,
+--compile=False and one with --compile=True (time_eager=False: the compiled one alone); on a GPU of known peak, one more, of a single eager step,
 counts its FLOPs (train.py --count_flops=True). It prints a table; its last line is one JSON object
 with every figure.
 
@@ -22,6 +23,8 @@ with every figure.
     OMP_NUM_THREADS=1 python bench.py --threads=1     # how BENCHMARKS.md's CPU figures were taken
     python bench.py --preset=janus-pro-1b             # the Janus-Pro-1B architecture, random weights (GPU)
     python bench.py --preset=janus-pro-7b             # 7B: LoRA + gradient checkpointing (GPU)
+    python bench.py --gpu_suite=True                  # the GPU path in one command, one table (sized for 8 min on one H100/H200)
+    python bench.py --check_losses=True --compile=True   # bf16 and compiled train.py against eager float32; graphs per step
 
 What a timed step is, being train.py's: real training on train.py's data (the built-in world through
 its loader, a fresh shuffled batch every step, so prompt lengths vary from step to step), from
@@ -37,13 +40,16 @@ single-threaded run are the time an idle core would take whatever the other jobs
 """
 
 import json
+import math
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 
@@ -54,7 +60,7 @@ from model import IMAGE, JANUS_SYSTEM_PROMPT, UMM, build_tokenizer
 
 # -----------------------------------------------------------------------------------------------
 preset = "tiny"  # 'tiny' | 'janus-pro-1b' | 'janus-pro-7b'
-benchmarks = "sft,sft_hard,sft_2x,unigame_decode,unigame_generate,generate_dynamic,generate_static"
+benchmarks = "sft,sft_hard,sft_2x,unigame_decode,unigame_generate,generate_dynamic,generate_static,vq"
 batch_size = None  # None: the preset's (tiny 16, janus-pro-1b 8, janus-pro-7b 4)
 gen_batch = None  # captions per generate_images call; None: batch_size
 gen_cfg = 5.0  # guidance of the throughput figure (Janus-Pro samples with 5; it doubles the decode batch)
@@ -71,11 +77,24 @@ n_layer = None  # LM and vision layers of a janus-pro preset; None: the architec
 cache_dir = "out/bench"  # where the random janus-pro models are saved (and reused) for train.py to load
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # CUDA: autocast dtype, and the big presets' frozen weights
-compile = torch.cuda.is_available()  # time eager, then compiled (train.py --compile: the LM and vision tower)
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype ('float32': none); on CUDA also the big presets' frozen weights
+compile = torch.cuda.is_available()  # time compiled (train.py --compile: the LM, vision tower and VQ encoder / decoder)
+time_eager = True  # with compile: time each benchmark eager too, for the compile speed-up (False: compiled only, as the GPU suite does)
+mfu = True  # on a GPU of known peak, count one eager step's FLOPs for the MFU (one more train.py run per benchmark)
 allow_cpu = False  # let a janus-pro preset run on CPU: only for smoke runs (n_layer, batch_size, repeats small)
 threads = 0  # CPU threads for torch, here and in train.py (0: torch's default)
 seed = 0
+# instead of the benchmarks: the GPU suite, or the loss check (BENCHMARKS.md: the GPU path)
+gpu_suite = False  # every CUDA-only part in one command, one table: train.py compiled + bf16 under torchrun, the presets' figures
+suite_presets = "janus-pro-1b,janus-pro-7b"  # the suite's two model sizes (its CPU dry run: tiny,tiny)
+suite_steps = 50  # train.py steps of the suite's run on the tiny base
+suite_parts = "train,train_vq,train_aligner,generate,memory"  # which of the suite's parts to run (to rerun one that did not fit)
+suite_budget_s = 480  # the suite's wall-clock budget: a part still running when it is spent is stopped and reported as such
+check_losses = False  # train.py's losses in bf16 autocast (and, with compile, compiled) against eager float32, and graphs per step
+# the loss check's tolerances: the largest relative difference of a logged loss from eager float32's, over the steps
+check_tol = 0.05  # bf16 (eager or compiled): the clean understanding loss (SFT's loss, the game's und)
+check_tol_game = 0.5  # bf16: the game's adversarial losses (adv_start, hard, loss): another path of the game (BENCHMARKS.md)
+check_tol_fp32 = 1e-3  # compiled float32: every loss
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # -----------------------------------------------------------------------------------------------
 
@@ -90,7 +109,7 @@ PRESET_BATCH = {"tiny": 16, "janus-pro-1b": 8, "janus-pro-7b": 4}
 # dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name; first match wins
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
 TRAINING = ["sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate"]
-ALL = TRAINING + ["generate_dynamic", "generate_static"]
+ALL = TRAINING + ["generate_dynamic", "generate_static", "vq"]
 
 if preset not in PRESET_BATCH:
     raise SystemExit(f"config error: preset={preset!r}: expected one of {', '.join(PRESET_BATCH)}")
@@ -101,7 +120,23 @@ if any(b not in ALL for b in chosen):
     raise SystemExit(f"config error: benchmarks={benchmarks!r}: choose from {', '.join(ALL)}")
 if warmup < 0 or repeats < 1:
     raise SystemExit(f"config error: warmup={warmup}, repeats={repeats}: need warmup >= 0 and repeats >= 1")
+if dtype not in ("float32", "bfloat16", "float16"):
+    raise SystemExit(f"config error: dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+suite, SUITE_PARTS = suite_presets.split(","), ("train", "train_vq", "train_aligner", "generate", "memory")
+problems = [msg for bad, msg in [
+    (len(suite) != 2 or not set(suite) <= set(PRESET_BATCH), f"suite_presets={suite_presets!r}: expected two of {', '.join(PRESET_BATCH)}"),
+    (not set(suite_parts.split(",")) <= set(SUITE_PARTS), f"suite_parts={suite_parts!r}: choose from {', '.join(SUITE_PARTS)}"),
+    (suite_steps < 1, f"suite_steps={suite_steps}: must be >= 1"),
+    (min(check_tol, check_tol_game, check_tol_fp32) <= 0, f"check_tol={check_tol}, check_tol_game={check_tol_game}, "
+                                                          f"check_tol_fp32={check_tol_fp32}: must be > 0"),
+    (gpu_suite and check_losses, "gpu_suite=True and check_losses=True: one at a time"),
+] if bad]
+if problems:
+    raise SystemExit("\n".join(f"config error: {p}" for p in problems))
 device_type = "cuda" if device.startswith("cuda") else "cpu"
+if gpu_suite and device_type == "cpu" and not allow_cpu:
+    raise SystemExit("bench: the GPU suite needs a GPU (no CUDA device here). For a CPU dry run of its plumbing only: "
+                     "--allow_cpu=True --suite_presets=tiny,tiny --suite_steps=2 --batch_size=2 --warmup=0 --repeats=1")
 if preset != "tiny" and device_type == "cpu" and not allow_cpu:
     raise SystemExit(f"bench: preset {preset} is a {'1' if '1b' in preset else '7'}B-parameter model and needs a GPU "
                      f"(no CUDA device here). For a CPU smoke run only: --allow_cpu=True --n_layer=1 --batch_size=1 "
@@ -116,7 +151,7 @@ weights = dtype if preset != "tiny" and device_type == "cuda" else "float32"
 if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)
-ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" else nullcontext()
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()  # as train.py's
 HERE = os.path.dirname(os.path.abspath(__file__))
 cpu = device_type == "cpu"  # on CPU every figure is also given in process CPU time
 
@@ -292,7 +327,213 @@ def generate(umm, captions, static):
     return step
 
 
+def vq_work(umm, pixels):
+    """The VQ model's work in one perturb_at='vq' UniGame step of train.py (mine='decode', refine_steps=0), alone:
+    encode the batch (no grad); project and decode it, backward to the tokens (the perturber's pass; the VQ model is
+    frozen, so no weight gradients); cand_k - 1 more decodes (mining's further candidates) and hard_bs decodes of
+    codes (step 6's hard samples), without grad. Over the unigame_decode step's time: the VQ model's share of it."""
+    hard = torch.arange(hard_bs) % len(pixels)  # as many hard samples as step 6 takes, drawn from this batch
+
+    def step():
+        with ctx:
+            with torch.no_grad():
+                tokens = umm.visual_tokens(pixels, "vq")
+            tokens.requires_grad_(True)
+            zq, codes = umm.project_to_codebook(tokens)
+            torch.autograd.grad(umm.vq_decode(zq).float().sum(), tokens)
+            with torch.no_grad():
+                for _ in range(cand_k - 1):
+                    umm.vq_decode(umm.project_to_codebook(tokens)[0])
+                umm.decode_codes(codes[hard])
+    return step
+
+
+# ---- instead of the benchmarks: the loss check, and the GPU suite -------------------------------------
+
+LOSSES = ("loss", "und", "hard", "adv_start")  # what train.py logs of each step's losses (loss_G is -lam * adv_start + R)
+
+
+def loss_check():
+    """train.py in bf16 autocast and, with compile, compiled (in float32, and in bf16: the GPU configuration) against
+    eager float32 from the same seed, warmup + repeats steps of SFT and of the game: the largest relative difference of
+    each logged loss over the steps, within its tolerance (check_tol, check_tol_game, check_tol_fp32); compiled, the
+    graphs built by each step, none after the warm-up. LoRA dropout is off in these runs: compiled code draws its own
+    random numbers, so its dropout masks would differ from eager's. Returns the exit code (1: a difference past its
+    tolerance, a loss that is not finite, or a step after the warm-up that compiled)."""
+    steps, path, report, failed = warmup + repeats, model_dir(), {}, []
+    variants = {"bf16": dict(dtype="bfloat16", compile=False)}
+    if compile:
+        variants.update(compiled=dict(dtype="float32", compile=True), compiled_bf16=dict(dtype="bfloat16", compile=True))
+    for name in ("sft", "unigame_decode"):
+        # the game mines every other step, so that the hard samples' count, a shape of step 6, varies from step to step
+        game = dict(mine_stride=2, q_hard=0.5) if name == "unigame_decode" else {}
+        ref = train(name, path, steps, dtype="float32", compile=False, lora_dropout=0.0, **game)
+        for variant, flags in variants.items():
+            run = train(name, path, steps, lora_dropout=0.0, **game, **flags)
+            r = report[f"{variant} {name}"] = {"max_rel_diff": {}, "tol": {}, "n_hard": [s.get("n_hard", 0) for s in run],
+                                               "n_hard_float32": [s.get("n_hard", 0) for s in ref], "first_step_s": run[0]["ms"]["step"] / 1e3,
+                                               "ms": statistics.median(s["ms"]["step"] for s in run[warmup:]),
+                                               "ms_float32": statistics.median(s["ms"]["step"] for s in ref[warmup:])}
+            for k in [k for k in LOSSES if any(k in s for s in ref)]:
+                d = [abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for a, b in zip(run, ref) if k in a and k in b]
+                r["max_rel_diff"][k] = v = max(d) if all(map(math.isfinite, d)) else math.inf  # a NaN fails, as inf
+                tol = r["tol"][k] = check_tol_fp32 if flags["dtype"] == "float32" else check_tol if k == "und" or name == "sft" else check_tol_game
+                if not v <= tol:
+                    failed.append(f"{variant} {name}: {k} differs by {100 * v:.3g} % (tolerance {100 * tol:g} %)")
+            if flags["compile"]:  # train.py logs how many graphs the process has built after each step
+                total = [s["graphs"] for s in run]
+                r["graphs"], r["new_graphs_by_step"] = total[-1], [total[0]] + [b - a for a, b in zip(total, total[1:])]
+                failed += [f"{variant} {name}: step {i + 1} built {n} new graph(s) after the {warmup} warm-up step(s)"
+                           for i, n in enumerate(r["new_graphs_by_step"]) if i >= warmup and n]
+    print(f"\nbench: loss check, {steps} train.py steps each against eager float32 (LoRA dropout off) | {device}, "
+          f"torch {torch.__version__}, {threads or torch.get_num_threads()} threads")
+    print(f"{'run':<29}{'largest relative difference (tolerance)':<68}{'step 1':>8}{'ms':>7}{'fp32 ms':>8}  graphs by step (1: since start-up)")
+    for run, r in report.items():
+        diffs = ", ".join(f"{k} {100 * v:.2g} % ({100 * r['tol'][k]:g})" for k, v in r["max_rel_diff"].items())
+        print(f"{run:<29}{diffs:<68}{r['first_step_s']:>7.1f}s{r['ms']:>7.0f}{r['ms_float32']:>8.0f}  "
+              f"{' '.join(map(str, r.get('new_graphs_by_step', ['-'])))}")
+    print("\n".join(f"check failed: {f}" for f in failed) or "check passed")
+    print(json.dumps({"check": "losses", "steps": steps, "device": device, "torch": torch.__version__,
+                      "threads": threads or torch.get_num_threads(), "runs": report, "failed": failed}))
+    return 1 if failed else 0
+
+
+def run_part(cmd, deadline):
+    """One part of the GPU suite: `cmd`, run here, its stdout passed on (to stderr) as it comes and kept, its stderr
+    (progress bars, errors) passed through; its process group killed at `deadline` (time.time()). Returns (return
+    code, None when stopped at the deadline; stdout), stdout unmixed with stderr, so that its last line is its own."""
+    print(f"suite: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, start_new_session=True)
+    timer = threading.Timer(max(0.0, deadline - time.time()), lambda: os.killpg(p.pid, signal.SIGKILL))
+    timer.start()
+    out = b""
+    while chunk := p.stdout.read1(4096):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        out += chunk
+    p.wait()
+    timer.cancel()
+    stopped = p.returncode == -signal.SIGKILL and time.time() >= deadline
+    return None if stopped else p.returncode, out.decode(errors="replace")
+
+
+def gpu_suite_run():
+    """Every CUDA-only part, one after the other, within suite_budget_s, then one table of the figures against the
+    issue's targets (BENCHMARKS.md: the GPU path). A part that fails, or is still running when the budget is spent, is
+    reported as such and the next one runs. Returns the exit code (1: a part did not complete)."""
+    small, big = suite
+    keep = {k: globals()[k] for k in ("device", "dtype", "compile", "threads", "seed", "lora_r", "cand_k", "allow_cpu", "warmup",
+                                      "repeats", "cache_dir", "batch_size", "hard_bs", "gen_batch", "n_layer") if globals()[k] is not None}
+    bench_cmd = [sys.executable, os.path.join(HERE, "bench.py")] + [f"--{k}={v}" for k, v in keep.items()]
+    out = tempfile.mkdtemp(prefix="suite-")
+    backend = "nccl" if device_type == "cuda" else "gloo"  # what train.py picks under torchrun
+    parts = [  # (name, what it is, command)
+        ("train", f"train.py, tiny base, {suite_steps} steps, torchrun 1 process ({backend}), compile={compile}, {dtype}",
+         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", os.path.join(HERE, "train.py"),
+          f"--out_dir={out}", f"--max_iters={suite_steps}", "--log_interval=1", "--eval_interval=0", "--ckpt_interval=0", "--eval_n=16",
+          "--eval_adv_steps=0", f"--device={device}", f"--dtype={dtype}", f"--compile={compile}", f"--threads={threads}", f"--seed={seed}",
+          f"--lora_r={lora_r}"] + [f"--{k}={keep[k]}" for k in ("batch_size", "hard_bs") if k in keep]),
+        ("train_vq", f"{small}: sft, unigame_decode at 'vq', the VQ model's share", bench_cmd + [
+            f"--preset={small}", "--benchmarks=sft,unigame_decode,vq", "--time_eager=False"]),
+        ("train_aligner", f"{small}: unigame_decode at 'aligner'", bench_cmd + [
+            f"--preset={small}", "--perturb_at=aligner", "--benchmarks=unigame_decode", "--time_eager=False"]),
+        # eager: generate_dynamic is the eager dynamic cache; generate_static compiles its own decode step on CUDA
+        ("generate", f"{small}: generation, dynamic cache eager, static cache + compiled decode step", bench_cmd + [
+            f"--preset={small}", "--benchmarks=generate_dynamic,generate_static", "--compile=False"]),
+        ("memory", f"{big}: unigame_decode, LoRA, its memory", bench_cmd + [
+            f"--preset={big}", "--benchmarks=unigame_decode", "--time_eager=False", "--mfu=False"]),
+    ]
+    t0 = time.time()
+    deadline, done = t0 + suite_budget_s, {}
+    for name, what, cmd in [p for p in parts if p[0] in suite_parts.split(",")]:
+        code, output = run_part(cmd, deadline) if time.time() < deadline else (None, "")
+        if code is None:
+            done[name] = {"what": what, "error": f"stopped: the suite's budget of {suite_budget_s} s was spent"}
+        elif code != 0:
+            done[name] = {"what": what, "error": f"failed (exit {code}; its errors are above)"}
+        elif name == "train":
+            done[name] = {"what": what, **train_figures(out)}
+        else:  # bench.py's figures: its last line
+            try:
+                done[name] = {"what": what, **json.loads(output.strip().splitlines()[-1])}
+            except (ValueError, IndexError):
+                done[name] = {"what": what, "error": "its output ends without its figures"}
+    shutil.rmtree(out, ignore_errors=True)
+    rows = suite_rows(done)
+    print(f"\nbench: the GPU suite in {time.time() - t0:.0f} s | {device}"
+          f"{' ' + torch.cuda.get_device_name(device) if device_type == 'cuda' else ''}, torch {torch.__version__}, {dtype}, compile={compile}")
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(json.dumps({"suite": done, "device": device if device_type == "cpu" else torch.cuda.get_device_name(device),
+                      "torch": torch.__version__, "dtype": dtype, "compile": compile, "seconds": round(time.time() - t0, 1)}))
+    return 1 if any("error" in v for v in done.values()) else 0
+
+
+def train_figures(out):
+    """The suite's train.py run, from its log: step time, compilation, graphs, loss."""
+    steps = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "ms" in r]
+    graphs = [s.get("graphs", 0) for s in steps]
+    grew = [i + 1 for i in range(1, len(steps)) if graphs[i] > graphs[i - 1]]
+    return {"steps": len(steps), "first_step_s": steps[0]["ms"]["step"] / 1e3,
+            "ms": statistics.median(s["ms"]["step"] for s in steps[len(steps) // 2:]), "graphs": graphs[-1],
+            "last_step_with_a_new_graph": grew[-1] if grew else 1, "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
+            "mem_gb": max(s.get("mem_gb", 0) for s in steps)}
+
+
+def suite_rows(done):
+    """The suite's table: (part, figures, target, met) for each part, with the issue's targets (judged on CUDA only:
+    a CPU dry run's figures say nothing of them)."""
+    def met(*oks):
+        oks = [ok for ok in oks if ok is not None]
+        return "-" if not oks or device_type != "cuda" else "yes" if all(oks) else "NO"
+
+    def res(name, bench):
+        return done.get(name, {}).get("results", {}).get(bench, {})
+
+    rows = [("part", "figures", "target", "met")]
+    for name, part in done.items():
+        label = f"{name}: {part['what']}"
+        if "error" in part:
+            rows.append((label, part["error"], "", "NO"))
+        elif name == "train":
+            late = part["last_step_with_a_new_graph"] <= part["steps"] // 2  # judged anywhere: compiling is the same
+            rows.append((label, f"{part['ms']:.1f} ms a step (median, 2nd half), first step {part['first_step_s']:.1f} s, {part['graphs']} "
+                                f"graphs (last new at step {part['last_step_with_a_new_graph']}), loss {part['loss_first']:.3f} -> "
+                                f"{part['loss_last']:.3f}" + (f", {part['mem_gb']:.1f} GB held" if part["mem_gb"] else ""),
+                         "runs; no new graph in the 2nd half", "yes" if late else "NO"))
+        elif name in ("train_vq", "train_aligner"):
+            for bench, floor in (("sft", 0.35), ("unigame_decode", 0.30)):
+                r = res(name, bench)
+                if r:
+                    ratio = r["ms"] / res("train_vq", "sft")["ms"] if res("train_vq", "sft") and bench != "sft" else None
+                    share = part["ratios"].get("vq_share_of_unigame_decode") if bench != "sft" else None
+                    rows.append((f"{label} [{bench}]", f"{r['ms']:.1f} ms, {r['samples_per_s']:.1f} samples/s"
+                                 + (f", MFU {100 * r['mfu']:.1f} %" if "mfu" in r else ", MFU not counted")
+                                 + (f", {ratio:.2f}x sft" if ratio else "") + (f", VQ model {100 * share:.0f} % of it" if share else "")
+                                 + (f", {r['peak_reserved_gb']:.1f} GB held" if "peak_reserved_gb" in r else ""),
+                                 f"MFU >= {100 * floor:.0f} %" + ("; <= 2.5x sft" if ratio else ""),
+                                 met(r["mfu"] >= floor if "mfu" in r else None, ratio <= 2.5 if ratio else None)))
+        elif name == "generate":
+            d, s = res(name, "generate_dynamic"), res(name, "generate_static")
+            x = d["ms"] / s["ms"]
+            rows.append((label, f"dynamic {d['tokens_per_s']:.0f} tokens/s, static {s['tokens_per_s']:.0f} tokens/s: {x:.2f}x",
+                         "static >= 3x dynamic", met(x >= 3)))
+        elif name == "memory":
+            r = res(name, "unigame_decode")
+            held = r.get("peak_reserved_gb")
+            rows.append((label, f"batch {r['batch']}, gradient checkpointing {'on' if part['gradient_checkpointing'] else 'off'}, {r['ms']:.1f} ms"
+                         + (f", {held:.1f} GB held (max_memory_reserved)" if held else ""),
+                         "< 80 GB held", met(None if held is None else held < 80)))
+    return rows
+
+
 # ---- running them -------------------------------------------------------------------------------
+
+if check_losses:
+    raise SystemExit(loss_check())
+if gpu_suite:
+    raise SystemExit(gpu_suite_run())
 
 path = model_dir()
 print(f"bench: {preset} ({path}) | perturb_at={perturb_at}, batch {B}, hard_bs {hard_bs}, cand_k {cand_k}, "
@@ -300,12 +541,12 @@ print(f"bench: {preset} ({path}) | perturb_at={perturb_at}, batch {B}, hard_bs {
       f"{' ' + torch.cuda.get_device_name(device) if device_type == 'cuda' else ''}, torch {torch.__version__}, "
       f"{threads or torch.get_num_threads()} threads | train.py runs: warm-up {warmup}, median of {repeats}", flush=True)
 peak = peak_flops()
-eager, timed, flops = {}, {}, {}
+eager, timed, flops = {}, {}, {}  # eager: with compile and time_eager, the same benchmark eager (the speed-up)
 for name in [n for n in TRAINING if n in chosen]:
-    eager[name] = timed[name] = time_training(name, path, compiled=False)
-    if compile:
-        timed[name] = time_training(name, path, compiled=True)
-    if peak and name in ("sft", "sft_hard", "sft_2x", "unigame_decode"):
+    if compile and time_eager:
+        eager[name] = time_training(name, path, compiled=False)
+    timed[name] = time_training(name, path, compiled=compile)
+    if peak and mfu and name in ("sft", "sft_hard", "sft_2x", "unigame_decode"):
         flops[name] = count_flops(name, path)
 
 # the generation benchmarks, and what the report says of the model: the model as train.py trains it (LoRA added)
@@ -315,19 +556,22 @@ lora = umm.set_trainable([], lora_r)
 records = data.shapes_world("train", max(max(map(batch_of, TRAINING)) * (max(warmup, 2) + repeats), gen_B), seed=0)
 seq_len = max(len(umm.prompt_ids(r["question"])) + len(umm.answer_ids(r["answers"][0])) for r in records)
 n_params = sum(p.numel() for p in umm.parameters())
-gen = {name: generate(umm, [r["caption"] for r in records[:gen_B]], name == "generate_static")
-       for name in ("generate_dynamic", "generate_static") if name in chosen}
+here = {name: generate(umm, [r["caption"] for r in records[:gen_B]], name == "generate_static")
+        for name in ("generate_dynamic", "generate_static") if name in chosen}
+if "vq" in chosen:
+    here["vq"] = vq_work(umm, umm.preprocess([r["image"] for r in records[:B]]))
 peaks = {}
-if gen:
-    print(f"bench: {', '.join(gen)}: {warmup} + {repeats} calls", flush=True)
-    gen_eager, peaks = measure(gen, warmup, repeats)
-    gen_timed = gen_eager
+if here:
+    print(f"bench: {', '.join(here)}: {warmup} + {repeats} calls", flush=True)
+    if compile and time_eager:
+        here_eager, peaks = measure(here, warmup, repeats)
     if compile:  # the modules train.py compiles; generate_images compiles its own decode step (static cache, CUDA)
         umm.compile_towers()
-        gen_timed, peaks = measure(gen, max(warmup, 2), repeats)
-    for name in gen:  # as train.py's phases: milliseconds
-        eager[name] = {"ms": {"step": 1e3 * gen_eager[name][0]}, "cpu_ms": {"step": 1e3 * gen_eager[name][1]}}
-        timed[name] = {"ms": {"step": 1e3 * gen_timed[name][0]}, "cpu_ms": {"step": 1e3 * gen_timed[name][1]}}
+    here_timed, peaks = measure(here, max(warmup, 2) if compile else warmup, repeats)
+    for name in here:  # as train.py's phases: milliseconds
+        timed[name] = {"ms": {"step": 1e3 * here_timed[name][0]}, "cpu_ms": {"step": 1e3 * here_timed[name][1]}}
+        if compile and time_eager:
+            eager[name] = {"ms": {"step": 1e3 * here_eager[name][0]}, "cpu_ms": {"step": 1e3 * here_eager[name][1]}}
 
 # ---- report -------------------------------------------------------------------------------------
 
@@ -348,6 +592,8 @@ def ratios_of(key):
         out["generate_over_decode_per_candidate"] = mine["unigame_generate"] / mine["unigame_decode"]
     if "generate_dynamic" in t and "generate_static" in t:
         out["static_over_dynamic_speedup"] = t["generate_dynamic"] / t["generate_static"]
+    if "vq" in t and "unigame_decode" in t and perturb_at == "vq":  # the VQ model's work in a UniGame step, timed alone
+        out["vq_share_of_unigame_decode"] = t["vq"] / t["unigame_decode"]
     return out
 
 
@@ -367,7 +613,7 @@ for name in [n for n in ALL if n in timed]:
     if flops.get(name):
         r["tflops"] = flops[name] / 1e12
         r["mfu"] = flops[name] / (ms / 1e3) / peak
-    if compile:
+    if name in eager:
         r["eager_ms"] = eager[name]["ms"]["step"]
         r["compile_speedup"] = r["eager_ms"] / ms
     if name in TRAINING:  # train.py's phases, without their sum ("step": ms above)
@@ -387,7 +633,7 @@ print(f"\nbench: {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in lora.
 head = f"{'benchmark':<18}{'batch':>6}{'ms':>10}" + (f"{'cpu ms':>10}" if cpu else "") + f"{'samples/s':>11}{'tokens/s':>10}"
 if not cpu:
     head += f"{'held GB':>9}{'MFU':>7}"
-if compile:
+if eager:
     head += f"{'eager ms':>10}{'compile x':>10}"
 print(head)
 for name, r in results.items():
@@ -395,8 +641,8 @@ for name, r in results.items():
     line += f"{r['samples_per_s']:>11.2f}" + (f"{r['tokens_per_s']:>10.0f}" if "tokens_per_s" in r else f"{'-':>10}")
     if not cpu:
         line += f"{r.get('peak_reserved_gb', float('nan')):>9.2f}" + (f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}")
-    if compile:
-        line += f"{r['eager_ms']:>10.1f}{r['compile_speedup']:>9.2f}x"
+    if eager:
+        line += f"{r['eager_ms']:>10.1f}{r['compile_speedup']:>9.2f}x" if name in eager else f"{'-':>10}{'-':>10}"
     print(line)
 for name, r in results.items():
     for key in ("phases_ms", "phases_cpu_ms"):
@@ -412,5 +658,5 @@ print(json.dumps({"preset": preset, "model": path, "device": device if cpu else 
                   "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "perturb_at": perturb_at,
                   "batch_size": B, "hard_bs": hard_bs, "cand_k": cand_k, "mine_cfg": mine_cfg, "seq_len": seq_len,
                   "image_tokens": tokens_per_image, "params_m": n_params / 1e6, "gradient_checkpointing": checkpointing,
-                  "compile": compile, "dtype": "float32" if cpu else dtype, "warmup": warmup, "repeats": repeats,
+                  "compile": compile, "time_eager": time_eager, "dtype": dtype, "warmup": warmup, "repeats": repeats,
                   "peak_rss_gb": peak_rss_gb, "results": results, "ratios": ratios, "ratios_cpu_time": ratios_cpu_time}))

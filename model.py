@@ -284,9 +284,14 @@ class UMM(nn.Module):
         raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
 
     def compile_towers(self):
-        """torch.compile the language model and the vision tower, where a training step spends its time."""
-        self.janus.model.language_model.compile()
-        self.janus.model.vision_model.compile()
+        """torch.compile where a training step spends its time: the language model, the vision tower, and the VQ
+        encoder and decoder (perturb_at='vq' runs the decoder forward and backward every step, and decodes every
+        mined candidate and hard sample). Compilation happens at each module's first call; shapes that vary from
+        step to step (batch plus hard samples, prompt and answer lengths) are made dynamic by torch.compile after
+        the first change, so a step compiles nothing new once each has been seen (compiled_graphs counts them)."""
+        jm = self.janus.model
+        for m in (jm.language_model, jm.vision_model, jm.vqmodel.encoder, jm.vqmodel.decoder):
+            m.compile()
 
     def gradient_checkpointing_enable(self):
         self.janus.activation_checkpointing_enable()
@@ -373,7 +378,8 @@ class UMM(nn.Module):
             with torch.no_grad():
                 px = self.decode_codes(torch.stack([it["codes"] for it in items]).to(self.device)).clamp(-1, 1)
             return self.image_embeds(px)
-        deltas = torch.stack([it["delta"] for it in items]).to(self.device)
+        # float16 as stored; stacked in float32, which CPU autocast accepts (it has no float16 rule for stack)
+        deltas = torch.stack([it["delta"].float() for it in items]).to(self.device)
         return self.image_embeds(self.preprocess([it["image"] for it in items])) + deltas.to(self.dtype)
 
     def _splice(self, ids, image_embeds):
@@ -469,7 +475,10 @@ class UMM(nn.Module):
         projection everywhere (encoding, the game, VQ training) so codes and decoding agree."""
         zn = F.normalize(z, dim=-1)
         codebook = self.codebook
-        codes = (zn.detach() @ codebook.t().to(zn.dtype)).argmax(-1)
+        # the nearest code chosen in float32 even under bf16 autocast, whose 8-bit mantissa would tie or swap
+        # neighbouring codes' cosines (the choice has no gradient; the cost is one (B*N, C) x (C, K) product)
+        with torch.autocast(zn.device.type, enabled=False):
+            codes = (zn.detach().float() @ codebook.t().float()).argmax(-1)
         zq = codebook[codes].to(zn.dtype)
         return zn + (zq - zn).detach(), codes
 
@@ -679,6 +688,13 @@ class UMM(nn.Module):
         cache = self._kept_cache[1]
         cache.reset()
         return cache
+
+
+def compiled_graphs():
+    """How many graphs torch.compile has built in this process so far. Every new shape that is not yet dynamic, grad
+    or no-grad pass, train or eval mode adds one: train.py logs it with each step, so that a step that recompiles shows."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 def weight_names(path):

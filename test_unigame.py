@@ -648,6 +648,33 @@ def test_projection_lands_on_codebook_and_passes_gradient(umm, train64):
         torch.testing.assert_close(umm.vq_decode(zq), umm.janus.model.vqmodel.decode(codes), rtol=1e-4, atol=1e-4)
 
 
+def test_under_bf16_autocast_the_projection_still_picks_the_nearest_code_in_float32(umm):
+    """bf16's 8-bit mantissa ties or swaps neighbouring codes' cosines; the choice of code is made in float32 whatever
+    the autocast, so a bf16 run plays the game on the same codes a float32 one would."""
+    z = torch.randn(8, 64, umm.codebook.shape[1], generator=gen(3))
+    codes = umm.project_to_codebook(z)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zq, codes_bf16 = umm.project_to_codebook(z)
+        in_bf16 = (F.normalize(z, dim=-1) @ umm.codebook.t()).argmax(-1)  # what the choice would be in bf16
+    assert torch.equal(codes_bf16, codes)
+    assert not torch.equal(in_bf16, codes)  # this batch is one where bf16 would choose other codes
+    torch.testing.assert_close(zq.float(), umm.codebook[codes], rtol=0, atol=1e-2)
+
+
+def test_aligner_hard_samples_are_embedded_under_bf16_autocast_as_in_float32(umm, train64):
+    """perturb_at='aligner' buffers an image and its delta (float16); step 6 re-embeds them under train.py's autocast,
+    which on CPU refused to stack float16 deltas until they were stacked in float32."""
+    images = batch_of(train64)[0]
+    deltas = 0.1 * torch.randn(len(images), umm.num_image_tokens, umm.token_dim("aligner"), generator=gen(5))
+    items = [{"image": im, "delta": d.half()} for im, d in zip(images, deltas)]
+    with torch.no_grad():
+        ref = umm.buffered_embeds(items)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = umm.buffered_embeds(items)
+    torch.testing.assert_close(ref, umm.image_embeds(umm.preprocess(images)) + deltas.half().float())
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)  # bf16 rounding of the vision tower and aligner
+
+
 # ---------------------------------------------------------------- LoRA
 
 def test_lora_merge_leaves_outputs_unchanged(tok, train64):
@@ -2535,7 +2562,7 @@ def test_bench_tiny_times_every_step_and_ends_with_its_figures_as_json():
     r = run_bench("--preset=tiny", "--batch_size=2", "--hard_bs=2", "--gen_batch=1", "--repeats=1", "--warmup=1")
     figures = bench_figures(r)
     res = figures["results"]
-    assert set(res) == {"sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate", "generate_dynamic", "generate_static"}
+    assert set(res) == {"sft", "sft_hard", "sft_2x", "unigame_decode", "unigame_generate", "generate_dynamic", "generate_static", "vq"}
     assert [res[k]["batch"] for k in ("sft", "sft_hard", "sft_2x", "generate_static")] == [2, 4, 4, 1]
     assert all(r["ms"] > 0 and r["samples_per_s"] > 0 and r["cpu_ms"] > 0 for r in res.values())
     assert res["generate_static"]["tokens_per_s"] > 0 and res["generate_dynamic"]["tokens_per_s"] > 0
@@ -2548,6 +2575,7 @@ def test_bench_tiny_times_every_step_and_ends_with_its_figures_as_json():
         assert list(res[k]["phases_ms"]) == ["understand"] and res[k]["phases_ms"]["understand"] == res[k]["ms"]
     for ratios in (figures["ratios"], figures["ratios_cpu_time"]):  # wall time, and the processes' CPU time
         assert all(v > 0 for v in ratios.values()) and "generate_over_decode_per_candidate" in ratios
+        assert 0 < ratios["vq_share_of_unigame_decode"] < 1  # the VQ model's work, timed alone, is part of the step
     assert figures["peak_rss_gb"] > 0 and figures["image_tokens"] == 64
     table = r.stdout.strip().splitlines()[:-1]  # the table came before the JSON
     assert any(line.split()[:2] == ["unigame_decode", "2"] for line in table), r.stdout
@@ -2570,3 +2598,45 @@ def test_bench_stops_with_the_end_of_train_py_s_output_when_a_run_fails():
     r = run_bench("--benchmarks=sft,unigame_decode", "--lora_r=-1")
     assert r.returncode != 0 and "sft: train.py failed" in r.stderr and "config error: lora_r=-1" in r.stderr, r.stderr
     assert not r.stdout.strip().endswith("}")  # no figures
+
+
+def test_bf16_autocast_on_cpu_trains_sft_and_the_game_with_the_losses_of_float32():
+    """bench.py's loss check without compile: train.py in bf16 autocast against eager float32 from the same seed, SFT and
+    the game, every logged loss at every step; the clean understanding loss within 5 % (the check's default; measured
+    at most 2.6 % over 8 steps), the game's adversarial losses within 50 % (measured at most 12 %: bf16 flips other codes,
+    the game takes another path; BENCHMARKS.md). Not equal, or autocast did not run. A tolerance below what bf16
+    changes fails the check, naming run, loss and tolerance."""
+    r = run_bench("--check_losses=True", "--batch_size=4", "--hard_bs=2", "--warmup=1", "--repeats=2", "--check_tol=0.002")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(figures["runs"]) == {"bf16 sft", "bf16 unigame_decode"} and figures["steps"] == 3
+    sft, game = figures["runs"]["bf16 sft"], figures["runs"]["bf16 unigame_decode"]
+    assert set(sft["max_rel_diff"]) == {"loss", "und"} and set(game["max_rel_diff"]) == {"loss", "und", "hard", "adv_start"}
+    clean = [sft["max_rel_diff"]["loss"], sft["max_rel_diff"]["und"], game["max_rel_diff"]["und"]]
+    adversarial = [game["max_rel_diff"][k] for k in ("loss", "hard", "adv_start")]
+    assert all(0 < d < 0.05 for d in clean) and all(0 < d < 0.5 for d in adversarial), figures["runs"]
+    assert game["tol"] == {"loss": 0.5, "und": 0.002, "hard": 0.5, "adv_start": 0.5}
+    assert figures["failed"] and all(re.fullmatch(r"bf16 (sft: (loss|und)|unigame_decode: und) differs by .* % \(tolerance 0.2 %\)", f)
+                                     for f in figures["failed"]), figures["failed"]
+    assert "check failed: bf16" in r.stdout
+
+
+def test_gpu_suite_dry_run_on_cpu_runs_every_part_and_prints_one_table():
+    """The GPU suite's plumbing on CPU at a cut-down size (the tiny base in place of the Janus-Pro presets, 2 train.py
+    steps, bf16 autocast): every part runs, torchrun with gloo included, and one table reports them all."""
+    assert "--allow_cpu=True" in run_bench("--gpu_suite=True").stderr  # a GPU suite refuses the CPU unless asked
+    assert "config error: suite_parts='train,nope': choose from train, train_vq" in run_bench("--gpu_suite=True", "--suite_parts=train,nope").stderr
+    r = run_bench("--gpu_suite=True", "--allow_cpu=True", "--suite_presets=tiny,tiny", "--suite_steps=2", "--batch_size=2",
+                  "--hard_bs=2", "--gen_batch=1", "--warmup=0", "--repeats=1", "--dtype=bfloat16")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    suite = json.loads(r.stdout.strip().splitlines()[-1])
+    parts = suite["suite"]
+    assert list(parts) == ["train", "train_vq", "train_aligner", "generate", "memory"] and suite["dtype"] == "bfloat16"
+    assert not any("error" in p for p in parts.values()), parts
+    assert parts["train"]["steps"] == 2 and "torchrun 1 process (gloo)" in parts["train"]["what"]
+    assert parts["train_vq"]["perturb_at"] == "vq" and set(parts["train_vq"]["results"]) == {"sft", "unigame_decode", "vq"}
+    assert parts["train_aligner"]["perturb_at"] == "aligner" and parts["memory"]["dtype"] == "bfloat16"
+    assert set(parts["generate"]["results"]) == {"generate_dynamic", "generate_static"}
+    table = r.stdout.strip().splitlines()[:-1]
+    for row in ("train:", "train_vq:", "[unigame_decode]", "train_aligner:", "generate:", "memory:"):
+        assert any(line.startswith(row) or row in line for line in table), (row, r.stdout)

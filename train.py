@@ -28,7 +28,7 @@ import data
 import ranks
 from buffer import HardBuffer, hardness, select_hard
 from eval import evaluate, summary, table
-from model import UMM, check_weights, clip_scorer, save_perturber
+from model import UMM, check_weights, clip_scorer, compiled_graphs, save_perturber
 from perturber import SEES, Perturber, jitter, pgd_attack, pgd_refine, random_like, regularizer
 
 # -----------------------------------------------------------------------------------------------
@@ -103,8 +103,8 @@ beta1, beta2 = 0.9, 0.95
 grad_clip = 1.0
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA
-compile = torch.cuda.is_available()
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype, on either device ('float32': none)
+compile = torch.cuda.is_available()  # torch.compile the LM, vision tower and VQ encoder / decoder (model.py: compile_towers)
 threads = 0  # CPU threads for torch (0: torch's default)
 ddp_check_interval = 0  # debug: every this many steps, check that all ranks hold identical trained parameters
 ddp_timeout_s = 600  # a collective waiting longer fails: a stuck rank ends the job instead of hanging it (rank 0 evaluates alone meanwhile)
@@ -176,7 +176,7 @@ if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)  # every rank builds identical LoRA and perturber weights; reseeded per rank below
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" else nullcontext()
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
@@ -473,6 +473,7 @@ while iter_num < max_iters:
         timing["flops"] = flop_counter.get_total_flops()
     if device_type == "cuda":
         timing["mem_gb"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
+    timing["graphs"] = compiled_graphs() if compile else 0  # built by torch.compile so far: a step that compiles shows
     if master and (iter_num % log_interval == 0 or iter_num == max_iters):
         logs = {"iter": iter_num, "lr": lr_at(iter_num - 1), "loss": loss.item(), "grad_norm": grad_norm.item(), **logs,
                 "bad_steps": bad_steps, "skipped": len(skipped), "time": round(time.time() - t0, 1), **timing}

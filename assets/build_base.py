@@ -77,7 +77,7 @@ grad_clip = 1.0
 max_bad_steps = 20  # a non-finite loss or gradient skips that update; this many in a row stop the run
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype, on either device ('float32': none)
 compile = torch.cuda.is_available()
 threads = 0  # CPU threads for torch (0: torch's default)
 exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configurator.py")).read())
@@ -105,7 +105,7 @@ if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda" else nullcontext()
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 os.makedirs(out_dir, exist_ok=True)
 ckpt_dir, log_path = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "log.jsonl")
 
