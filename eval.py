@@ -334,13 +334,14 @@ def pgd_delta(umm, tokens, questions, answers, at="vq", eps=0.3, relative=True, 
 
 
 def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5, step_size=None, batch_size=64,
-                         seed=0, progress=True, convention="vqaeval"):
+                         seed=0, progress=True, convention="vqaeval", baseline=True):
     """robustness_adv: accuracy under a PGD attack of budget eps at the interface `at`, a fresh one per
     batch (not the trained perturber). Returns {"accuracy", "accuracy_zero_delta", "ce_zero_delta",
     "ce_attacked"}: accuracy and mean answer cross-entropy of the same samples without and with the
     attack, both through the same view (at 'vq': the VQ reconstruction), so the gap is the attack's alone.
     On world samples at 'vq' also "scene_kept": per sample, whether the oracle still reads the sample's
-    objects in the attacked image (an attack that redraws the scene changes the right answer too)."""
+    objects in the attacked image (an attack that redraws the scene changes the right answer too).
+    baseline=False skips the zero-delta pass (its two figures are then None): train.py's table needs the attack's alone."""
     g = torch.Generator(device=umm.device).manual_seed(seed)
     acc0, acc1, ce0, ce1, changed, kept = [], [], [], [], [], []
     chunks = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
@@ -352,7 +353,7 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
             tokens = umm.visual_tokens(_pixels(umm, chunk), at)
         delta = pgd_delta(umm, tokens, questions, answers, at, eps, relative, steps, step_size, g, on_step=bar.update)
         with torch.no_grad():
-            for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1)):
+            for d, acc, ce in ((torch.zeros_like(delta), acc0, ce0), (delta, acc1, ce1))[0 if baseline else 1:]:
                 emb, px, codes = umm.perturbed_view(tokens + d, at)
                 ce.extend(umm.answer_loss(emb, questions, answers).tolist())
                 acc.extend(answer_score(p, r["answers"], r["attrs"] is None, convention) for p, r in zip(umm.answer(emb, questions), chunk))
@@ -360,7 +361,7 @@ def adversarial_accuracy(umm, records, at="vq", eps=0.3, relative=True, steps=5,
                     changed.append(umm.codes_changed(tokens, codes))
                     kept += [oracle_score(im, r["attrs"]) for im, r in zip(umm.to_uint8(px), chunk) if r["attrs"]]
     bar.close()
-    return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0), "ce_zero_delta": _mean(ce0), "ce_attacked": _mean(ce1),
+    return {"accuracy": _mean(acc1), "accuracy_zero_delta": _mean(acc0) if acc0 else None, "ce_zero_delta": _mean(ce0) if ce0 else None, "ce_attacked": _mean(ce1),
             "codes_changed": torch.cat(changed).mean().item() if changed else None, "scores": acc1,
             "scene_kept": kept if len(kept) == len(acc1) else None}
 
@@ -393,16 +394,19 @@ def pixel_adversarial_scores(umm, records, eps=8 / 255, steps=10, batch_size=64,
     return scores
 
 
-def summary(umm, records, perturber=None, at="vq", attack=None, progress=True):
+def summary(umm, records, perturber=None, at="vq", attack=None, attack_n=0, progress=True):
     """train.py's before / after table: clean accuracy; accuracy under a perturber when there is one; under a
-    fresh PGD attack when `attack` is given (adversarial_accuracy's eps, relative, steps)."""
+    fresh PGD attack when `attack` is given (adversarial_accuracy's eps, relative, steps), on the first attack_n
+    records (0: all), the costliest row."""
     umm.eval()
     res = {"clean": understanding_accuracy(umm, records, progress=progress, desc="accuracy: clean")}
     if perturber is not None:
         res["under_perturber"] = understanding_accuracy(umm, records, perturbed_embed(umm, perturber_delta(umm, perturber, at), at),
                                                         progress=progress, desc="accuracy: under the perturber")
     if attack:
-        res[f"under_pgd_{attack['steps']}_steps"] = adversarial_accuracy(umm, records, at, progress=progress, **attack)["accuracy"]
+        attacked = records[:attack_n or None]
+        res[f"under_pgd_{attack['steps']}_steps" + (f"_on_{len(attacked)}" if len(attacked) < len(records) else "")] = \
+            adversarial_accuracy(umm, attacked, at, progress=progress, baseline=False, **attack)["accuracy"]
     return res
 
 

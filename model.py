@@ -275,6 +275,16 @@ class UMM(nn.Module):
             add_lora(self.janus.model.language_model, lora_r, lora_alpha, lora_dropout)  # LoRA parameters require grad
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def train(self, mode=True, dropout=True):
+        """nn.Module.train; dropout=False keeps training mode (gradient checkpointing stays on) with every dropout
+        layer off: train.py's opponent passes attack the model as it stands, as an evaluation's attack does."""
+        super().train(mode)
+        if mode and not dropout:
+            for m in self.modules():
+                if isinstance(m, nn.Dropout):
+                    m.eval()
+        return self
+
     def token_dim(self, at="vq"):
         """The width of the visual tokens at a perturbation interface (visual_tokens)."""
         if at == "vq":

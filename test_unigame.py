@@ -735,6 +735,28 @@ def test_gradient_checkpointing_keeps_the_lora_gradients(tok, train64):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_training_mode_without_dropout_is_deterministic_and_keeps_gradient_checkpointing(tok, train64):
+    """train.py's opponent passes: umm.train(dropout=False) turns LoRA's dropout off, not training mode."""
+    m = tiny(tok, seed=7)
+    lora = add_lora(m.janus.model.language_model, r=4, alpha=8, dropout=0.5)
+    for p in lora[1::2]:
+        torch.nn.init.normal_(p, std=0.05)
+    images, qs, ans, _ = batch_of(train64)
+    px = m.preprocess(images)
+    with torch.no_grad():
+        def loss():
+            return m.answer_loss(m.image_embeds(px), qs, ans)
+        m.train()
+        assert not torch.equal(loss(), loss())  # dropout draws differ
+        m.train(dropout=False)
+        noiseless = loss()
+        assert m.training and m.janus.model.language_model.training and torch.equal(noiseless, loss())
+        m.eval()
+        torch.testing.assert_close(noiseless, loss())  # as in evaluation
+        m.train()
+        assert all(d.training for d in m.modules() if isinstance(d, nn.Dropout))
+
+
 # ---------------------------------------------------------------- preprocessing
 
 def test_preprocessing_equals_transformers_processor(umm):
@@ -1953,6 +1975,20 @@ def test_adversarial_accuracy_is_below_clean_accuracy_on_the_base(shapes_base):
     clean = ev.understanding_accuracy(shapes_base, recs, progress=False)
     assert res["accuracy_zero_delta"] == clean  # at 'aligner' the view with δ = 0 is the clean one
     assert res["ce_attacked"] > res["ce_zero_delta"] + 0.1 and res["accuracy"] < clean, res
+
+
+def test_the_tables_attack_row_reads_the_first_attack_n_samples_without_the_zero_delta_pass(shapes_base):
+    recs = world("test", 12)
+    attack = dict(eps=0.3, relative=True, steps=2, batch_size=4)
+    full = ev.adversarial_accuracy(shapes_base, recs[:8], "aligner", progress=False, **attack)
+    alone = ev.adversarial_accuracy(shapes_base, recs[:8], "aligner", progress=False, baseline=False, **attack)
+    assert alone["accuracy"] == full["accuracy"] and alone["scores"] == full["scores"]  # the same attack, the same draws
+    assert alone["accuracy_zero_delta"] is None and full["accuracy_zero_delta"] is not None
+    res = ev.summary(shapes_base, recs, at="aligner", attack={k: v for k, v in attack.items() if k != "batch_size"}, attack_n=8,
+                     progress=False)
+    assert res == {"clean": ev.understanding_accuracy(shapes_base, recs, progress=False), "under_pgd_2_steps_on_8": pytest.approx(
+        ev.adversarial_accuracy(shapes_base, recs[:8], "aligner", eps=0.3, steps=2, progress=False)["accuracy"])}
+    assert "under_pgd_1_steps" in ev.summary(shapes_base, recs[:4], at="aligner", attack=dict(eps=0.3, steps=1), attack_n=8, progress=False)
 
 
 def test_the_oracle_tells_which_attacked_images_keep_their_scene(shapes_base):

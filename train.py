@@ -42,6 +42,7 @@ log_interval = 10
 eval_interval = 100  # 0: evaluate only at the end
 eval_n = 256  # test samples per evaluation (understanding); a quarter of that for generation
 eval_adv_steps = 5  # the before / after table also reads accuracy under a fresh PGD attack of this many steps at eps_max; 0: not
+eval_adv_n = 128  # ... on this many of the eval samples (the first; 0: all): the attack costs ~10x a clean pass
 ckpt_interval = 100  # 0: no checkpoints (quick experiments, bench.py)
 seed = 1337
 # data
@@ -124,7 +125,7 @@ except ValueError:
 n_procs, floats = int(os.environ.get("WORLD_SIZE", 1)), ("float32", "float16", "bfloat16")
 evaluate_on = (eval_vqav2_questions, eval_vqav2_annotations, eval_vqav2_images)  # VQAv2 val, or '' (a held-out slice of the training data)
 at_least = dict(max_iters=1, batch_size=1, hard_bs=0, lora_r=0, cand_k=1, hard_topk=1, mine_stride=1, buffer_capacity=1, eval_n=1,
-                log_interval=1, ckpt_interval=0, max_bad_steps=1, eval_interval=0, ddp_check_interval=0, num_workers=0, threads=0, answer_tokens=1)
+                log_interval=1, ckpt_interval=0, max_bad_steps=1, eval_interval=0, eval_adv_n=0, ddp_check_interval=0, num_workers=0, threads=0, answer_tokens=1)
 problems = [f"{k}={globals()[k]}: must be >= {least}" for k, least in at_least.items() if globals()[k] < least]
 choices = dict(perturb_at=("vq", "aligner"), mine=("decode", "generate"), buffer_rule=("consistent", "published"),
                adversary=("learned", "random", "pgd"), dataset=("shapes", "vqav2", "jsonl"), dtype=floats, load_dtype=floats, export_dtype=floats)
@@ -311,7 +312,7 @@ def clock():
 
 # ---- the loop ---------------------------------------------------------------------------------
 attack = dict(eps=eps_max, relative=eps_relative, steps=eval_adv_steps) if eval_adv_steps else None  # the table's fresh PGD
-before = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack) if master else None  # or at the resumed checkpoint
+before = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack, eval_adv_n) if master else None  # or at the resumed checkpoint
 start_iter = iter_num  # this process trains the steps from here
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 t0 = time.time()
@@ -332,7 +333,7 @@ while iter_num < max_iters:
     pixels = umm.preprocess(batch["images"])
     questions, captions, B = batch["questions"], batch["captions"], len(batch["questions"])
     answers = [max(a, key=a.count) for a in batch["answers"]]  # the annotators' most common answer (first on ties)
-    umm.train()
+    umm.train(dropout=False)  # steps 1-5 play against the model as it stands (LoRA's dropout off); step 6 trains it with dropout
     logs, bad_G = {}, []
     poisoned = iter_num + 1 in debug_nan  # the debug_nan_at test hook: this step's losses are made NaN
 
@@ -424,6 +425,7 @@ while iter_num < max_iters:
 
     # 6. the understanding step: w_clean * CE(clean) + CE(hard samples from the buffer), one backward
     hard = buffer.sample(hard_bs) if game else []
+    umm.train()
     with ctx:
         emb = umm.image_embeds(pixels)
         if hard:
@@ -503,7 +505,7 @@ if master:
         if game:
             save_perturber(perturber, export_dir, perturb_at=perturb_at)
         print(f"exported the model{' and the perturber' if game else ''} to {export_dir}")
-    after = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack)
+    after = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack, eval_adv_n)
     print(f"done: {iter_num - start_iter} iteration{'s' * (iter_num - start_iter != 1)} (iter {start_iter} to {iter_num}) in {t_train:.0f}s"
           + (f"; checkpoint in {ckpt_dir}" if ckpt_interval else ""))
     print(table(before, after, f"at iter {start_iter}" if resume else "before", len(eval_records)))  # resumed: at its checkpoint
