@@ -14,7 +14,8 @@ budget is the same whatever it sees.
 Also here: the regulariser R(δ) of the perturber's loss, a random perturbation of the
 same budget (the baseline), PGD on δ itself (the fresh attack that measures robustness,
 and the strong baseline adversary), one PGD step (which refines the perturber's δ with
-the gradient its own update computes), and direction jitter for mining candidates. This file imports only
+the gradient its own update computes), exact code swaps proposed by that gradient, and
+direction jitter for mining candidates. This file imports only
 torch so that it can be copied into other repos.
 """
 import math
@@ -203,6 +204,36 @@ def pgd_step(delta, grad, z, eps, step_size, relative=True):
     own update already computed (a learned start refined by PGD)."""
     step = step_size * _budget(z, 1.0, relative)
     return project(delta.float() + step * _unit(grad), z, eps, relative).to(delta.dtype)
+
+
+def swap_proposals(z, delta, grad, codebook, eps, proposals=3, relative=True, per_token=8):
+    """Proposals of exact code swaps for tokens z (B, N, C) perturbed by δ and then snapped to their nearest entry of
+    `codebook` (K, C, rows of unit norm, as the projection at 'vq' compares them). The projection is discrete, so the
+    gradient of the loss, `grad` at z + δ, only says where to look: the first-order gain of moving a token from the entry
+    it now snaps to, e_now, to entry e is (e − e_now)·grad. For each token the `per_token` entries nearest z are tried
+    (only near ones are within reach), each by the point of the budget ball nearest to it (z + δ with δ along e − z, as
+    far as the ball allows), and kept only if that point snaps to e: a move the budget truly reaches; of those, the one
+    of largest gain. Proposal j (j = 1 .. proposals) moves the
+    1/2^j of each sample's tokens with the largest gain so and keeps δ on the rest. Returns one δ per proposal, inside
+    the budget; whether a swap hurts is for an exact forward to say (the game keeps, per sample, the hardest proposal)."""
+    zf, cb, g = z.float(), codebook.float(), grad.float()
+    snap = lambda t: (F.normalize(t, dim=-1) @ cb.t()).argmax(-1)  # noqa: E731 - the projection's choice of entry
+    now = snap(zf + delta.float())
+    near = (F.normalize(zf, dim=-1) @ cb.t()).scatter(-1, now[..., None], -math.inf)  # cosine to z, e_now left out
+    entry = near.topk(min(per_token, cb.shape[0] - 1), dim=-1).indices  # (B, N, T): the entries nearest z, the reachable ones
+    gain = ((cb[entry] - cb[now][..., None, :]) * g[..., None, :]).sum(-1)
+    toward = cb[entry] - zf[..., None, :]  # (B, N, T, C)
+    reach = _budget(z, eps, relative)[..., None, :]
+    step = toward * (reach / toward.norm(dim=-1, keepdim=True).clamp_min(_TINY)).clamp(max=1.0)
+    gain = gain.masked_fill(snap(zf[..., None, :] + step) != entry, -math.inf)  # moves the ball does not reach
+    best_gain, best = gain.max(-1)
+    move_delta = project(step.gather(-2, best[..., None, None].expand(*best.shape, 1, z.shape[-1])).squeeze(-2), z, eps, relative)
+    rank = best_gain.argsort(-1, descending=True).argsort(-1)  # each token's place by gain within its sample
+    out = []
+    for j in range(1, proposals + 1):
+        move = (rank < max(1, round(z.shape[-2] / 2 ** (j - 1)))) & (best_gain > 0)  # no move that lowers the first-order loss
+        out.append(torch.where(move[..., None], move_delta.to(delta.dtype), delta))
+    return out
 
 
 def jitter(delta, noise_std, generator=None):

@@ -32,7 +32,7 @@ import pictures
 from buffer import HardBuffer, hardness, select_hard
 from model import (ASSISTANT, BOI, EOI, IMAGE, JANUS_SYSTEM_PROMPT, UMM, USER, add_lora, build_tokenizer, clip_scorer,
                    load_perturber, merge_lora, save_perturber, tiny_config)
-from perturber import Perturber, input_gradient, jitter, pgd_attack, pgd_refine, random_like, regularizer, total_variation
+from perturber import Perturber, input_gradient, jitter, pgd_attack, pgd_refine, random_like, regularizer, swap_proposals, total_variation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1596,7 +1596,7 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
                          "--hard_bs=-1", "--q_hard=1.5", "--eps_min=0.2", "--eps_max=0.1", "--lora_r=0", "--mine=draw",
                          "--export_dtype=float8", "--train_n=8", "--batch_size=16", "--debug_nan_at=x", "--max_bad_steps=0",
                          "--train_modules=vision,ears", f"--init_from={tmp_path / 'nothing'}", "--answer_tokens=0",
-                         "--eval_vqav2_questions=val.json", "--perturber_sees=grad+nose"])
+                         "--eval_vqav2_questions=val.json", "--perturber_sees=grad+nose", "--code_swaps=2"])
     assert code != 0 and "Traceback" not in out, out[-3000:]
     for message in ["max_iters=0: must be >= 1", "hard_bs=-1: must be >= 0", "q_hard=1.5: a quantile, must lie in [0, 1]",
                     "eps_min=0.2, eps_init=0.15, eps_max=0.1: need 0 <= eps_min < eps_init < eps_max",
@@ -1608,7 +1608,8 @@ def test_impossible_settings_fail_at_start_up_each_named_before_any_work(tmp_pat
                     "answer_tokens=0: must be >= 1", "evaluation on VQAv2 val needs real data, the files eval_vqav2_questions='val.json'",
                     f"init_from='{tmp_path / 'nothing'}': expected 'resume' or a Hugging Face model directory",
                     "perturber_sees='grad+nose': unknown part(s) ['nose']",
-                    "perturber_sees='grad+nose' plays on the batch's own samples and candidates: use adversary='learned', mine='decode'"]:
+                    "perturber_sees='grad+nose' plays on the batch's own samples and candidates: use adversary='learned', mine='decode'",
+                    "code_swaps=2: swaps codes of the learned perturber's own images"]:
         assert f"config error: {message}" in out, (message, out[-3000:])
     assert not (tmp_path / "out").exists()  # stopped before anything was written
     code, out = run_cmd([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path / 'out'}", "--lora_r=0"])
@@ -1714,6 +1715,35 @@ def test_one_free_pgd_step_from_the_perturbers_delta_raises_the_answer_loss_on_t
     assert after > 2 * before and after > before + 0.02, (before, after)
 
 
+def test_code_swaps_from_the_perturbers_gradient_land_on_reachable_entries_and_raise_the_answer_loss_on_the_base(shapes_base):
+    recs = world("test", 16)
+    px = shapes_base.preprocess([r["image"] for r in recs])
+    qs, ans = [r["question"] for r in recs], [r["answers"][0] for r in recs]
+    torch.manual_seed(0)
+    p = Perturber(shapes_base.token_dim("vq"), eps_max=0.3, eps_init=0.15)
+
+    def ce(t):
+        return shapes_base.answer_loss(shapes_base.perturbed_view(t, "vq")[0], qs, ans)
+    with torch.no_grad():
+        z = shapes_base.visual_tokens(px, "vq")
+    delta = p(z)
+    (g,) = torch.autograd.grad(ce(z + delta).sum(), delta)
+    delta = delta.detach()
+    proposals = swap_proposals(z, delta, g, shapes_base.codebook, 0.15, 3)
+    codes = [shapes_base.project_to_codebook(z + d)[1] for d in [delta, *proposals]]
+    moved = [(d != delta).any(-1) for d in proposals]
+    assert len(proposals) == 3
+    for d, c, m in zip(proposals, codes[1:], moved):
+        assert (d.norm(dim=-1) <= 0.15 * z.norm(dim=-1) * (1 + 1e-5)).all()  # inside the budget
+        assert (c[m] != codes[0][m]).all() and (c[~m] == codes[0][~m]).all()  # a moved token takes another entry; the rest keep theirs
+    assert moved[0].float().mean() > 0.2 and (moved[1] <= moved[0]).all() and (moved[2] <= moved[1]).all()  # halves of the moves
+    n = z.shape[1]  # the j-th moves the top 1/2^(j-1) of the tokens by gain (the first: every one with a gain)
+    assert (moved[1].sum(-1) == moved[0].sum(-1).clamp(max=n // 2)).all() and (moved[2].sum(-1) == moved[0].sum(-1).clamp(max=n // 4)).all()
+    with torch.no_grad():
+        before, after = ce(z + delta), torch.stack([ce(z + d) for d in proposals]).max(0).values
+    assert after.mean() > 2 * before.mean() and after.mean() > before.mean() + 0.05, (before.mean(), after.mean())
+
+
 # ---------------------------------------------------------------- game steps through train.py
 
 def quick_train(small_dir, out_dir, *args, nproc=0):
@@ -1752,6 +1782,14 @@ def test_the_random_control_arm_fills_the_buffer_but_never_trains_the_perturber(
     state, moments = load_file(ckpt / "state.safetensors"), load_file(ckpt / "optim.safetensors")
     assert abs(torch.sigmoid(state["perturber.theta_eps"]).item() - 0.5) < 1e-6  # eps still eps_init, mid-range
     assert not any(k.startswith("perturber.") for k in moments)  # its optimizer never stepped
+
+
+def test_code_swaps_in_the_game_keep_per_sample_the_hardest_of_the_perturbers_images_and_its_swaps(small_dir, tmp_path):
+    quick_train(small_dir, tmp_path, "--max_iters=2", "--code_swaps=2", "--tau=-1.0", "--q_hard=0.0")
+    steps = [r for r in read_log(tmp_path) if "adv" in r]
+    assert [r["iter"] for r in steps] == [1, 2] and "hard" in steps[1]
+    for r in steps:  # adv is each sample's hardest of the perturber's image (adv_start) and the swaps', swapped the share made harder
+        assert 0 <= r["swapped"] <= 1 and r["adv"] >= r["adv_start"] - 1e-6 and (r["adv"] > r["adv_start"]) == (r["swapped"] > 0)
 
 
 @pytest.mark.parametrize("adversary", ["learned", "pgd", "learned --perturber_sees=grad", "learned --perturber_sees=grad+noise",

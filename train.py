@@ -29,7 +29,7 @@ import ranks
 from buffer import HardBuffer, hardness, select_hard
 from eval import evaluate, summary, table
 from model import UMM, check_weights, clip_scorer, compiled_graphs, save_perturber
-from perturber import SEES, Perturber, jitter, pgd_attack, pgd_refine, random_like, regularizer
+from perturber import SEES, Perturber, jitter, pgd_attack, pgd_refine, random_like, regularizer, swap_proposals
 
 # -----------------------------------------------------------------------------------------------
 # configuration
@@ -74,6 +74,8 @@ refine_steps = 0  # adversary='learned': PGD steps refining the perturber's delt
 perturber_sees = "token"  # 'token': each token alone (the published perturber) | a '+'-joined set of grad (the answer loss's
 #   gradient at it, one backward), noise (per sample: mining's candidates are fresh draws), context (the grid, the question)
 refine_size = 1.25  # their step, in units of eps (1.25: FGSM from a start in the ball, Wong et al. 2020)
+code_swaps = 0  # adversary='learned' at 'vq': proposals of exact code swaps from the perturber's delta, the j-th moving the top
+#   1/2^j of each image's tokens (by the gradient of its update) onto the entry that gains most; scored by a forward each (0: off)
 pgd_steps = 3  # adversary='pgd': attack steps of 2.5 * eps_max / pgd_steps from a random start in the ball
 perturb_at = "vq"  # 'vq': codebook-space tokens, projected and decoded | 'aligner': tokens after the aligner
 mine = "decode"  # 'decode': this batch's decoded adversarial images | 'generate': images the model generates
@@ -153,6 +155,9 @@ problems += [msg for bad, msg in [
     (set(perturber_sees.split("+")) - {"token"} and (adversary != "learned" or mine != "decode"),
      f"perturber_sees={perturber_sees!r} plays on the batch's own samples and candidates: use adversary='learned', mine='decode'"),
     (refine_steps < 0 or pgd_steps < 1, f"refine_steps={refine_steps}, pgd_steps={pgd_steps}: need refine_steps >= 0, pgd_steps >= 1"),
+    (code_swaps < 0 or code_swaps and (refine_steps or adversary != "learned" or mine != "decode" or perturb_at != "vq"),
+     f"code_swaps={code_swaps}: swaps codes of the learned perturber's own images, so need code_swaps >= 0 and, when on, adversary='learned', "
+     f"mine='decode', perturb_at='vq' and refine_steps=0 (got {adversary!r}, {mine!r}, {perturb_at!r}, {refine_steps})"),
     (debug_nan is None, f"debug_nan_at={debug_nan_at!r}: expected a comma list of iterations, e.g. '3,5'"),
 ] if bad]
 problems += data.missing_files(dataset, jsonl_path, (vqav2_questions, vqav2_annotations, vqav2_images), evaluate_on)  # named
@@ -272,6 +277,11 @@ def draw_delta(z, questions=None, answers=None, seen=None):
     return perturber(z, **(seen or {}))
 
 
+def per_sample(where, new, old):
+    """new for the samples where `where` (B,) holds, else old; tensors whose first dimension is the batch."""
+    return torch.where(where.view(-1, *[1] * (old.dim() - 1)), new, old)
+
+
 def save(it):
     """out_dir/ckpt (checkpoint.py): the trained tensors and both optimizers' moments; what this rank alone
     holds (its hard buffer, RNG state, place in the data, skipped samples); model/, the merged model in Hugging
@@ -312,7 +322,8 @@ def clock():
 
 # ---- the loop ---------------------------------------------------------------------------------
 attack = dict(eps=eps_max, relative=eps_relative, steps=eval_adv_steps) if eval_adv_steps else None  # the table's fresh PGD
-before = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack, eval_adv_n) if master else None  # or at the resumed checkpoint
+table_args = (perturber if game and adversary == "learned" else None, perturb_at, attack, eval_adv_n)  # the same rows after
+before = summary(umm, eval_records, *table_args) if master else None  # or at the resumed checkpoint
 start_iter = iter_num  # this process trains the steps from here
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True)
 t0 = time.time()
@@ -371,6 +382,17 @@ while iter_num < max_iters:
                     with torch.no_grad():
                         emb_adv, px_adv, codes_adv = umm.perturbed_view(tokens + delta, perturb_at)
                         ce_adv = umm.answer_loss(emb_adv, questions, answers)
+            if code_swaps and not bad_G:  # 4c. aim: code swaps the same gradient proposes, each scored by an exact forward
+                with ctx, torch.no_grad():
+                    swapped = torch.zeros(B, dtype=torch.bool, device=device)
+                    for d in swap_proposals(tokens, delta, -grad_delta, umm.codebook, perturber.eps.item(), code_swaps, eps_relative):
+                        e, px, codes = umm.perturbed_view(tokens + d, perturb_at)
+                        ce = umm.answer_loss(e, questions, answers)
+                        harder = ce > ce_adv  # per sample: the proposal is kept where it hurts more
+                        delta, emb_adv, px_adv, codes_adv, ce_adv = (per_sample(harder, n, o) for n, o in
+                                                                     zip((d, e, px, codes, ce), (delta, emb_adv, px_adv, codes_adv, ce_adv)))
+                        swapped |= harder
+                logs["swapped"] = swapped.float().mean().item()  # the share of samples a swap made harder
         delta, emb_adv, ce_adv = delta.detach(), emb_adv.detach(), ce_adv.detach()
         logs.update(adv=ce_adv.mean().item())
         if perturb_at == "vq":  # the share of tokens whose code the perturbation changed: does the projection keep it?
@@ -505,7 +527,7 @@ if master:
         if game:
             save_perturber(perturber, export_dir, perturb_at=perturb_at)
         print(f"exported the model{' and the perturber' if game else ''} to {export_dir}")
-    after = summary(umm, eval_records, perturber if game and adversary == "learned" else None, perturb_at, attack, eval_adv_n)
+    after = summary(umm, eval_records, *table_args)
     print(f"done: {iter_num - start_iter} iteration{'s' * (iter_num - start_iter != 1)} (iter {start_iter} to {iter_num}) in {t_train:.0f}s"
           + (f"; checkpoint in {ckpt_dir}" if ckpt_interval else ""))
     print(table(before, after, f"at iter {start_iter}" if resume else "before", len(eval_records)))  # resumed: at its checkpoint
