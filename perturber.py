@@ -213,11 +213,13 @@ def swap_proposals(z, delta, grad, codebook, eps, proposals=3, relative=True, pe
     it now snaps to, e_now, to entry e is (e − e_now)·grad. For each token the `per_token` entries nearest z are tried
     (only near ones are within reach), each by the point of the budget ball nearest to it (z + δ with δ along e − z, as
     far as the ball allows), and kept only if that point snaps to e: a move the budget truly reaches; of those, the one
-    of largest gain. Proposal j (j = 1 .. proposals) moves the
-    1/2^j of each sample's tokens with the largest gain so and keeps δ on the rest. Returns one δ per proposal, inside
-    the budget; whether a swap hurts is for an exact forward to say (the game keeps, per sample, the hardest proposal)."""
+    of largest gain. Proposal j (j = 1 .. proposals) so moves the 1/2^(j−1) of each sample's tokens with the largest
+    gain (the first: every token with a gain) and keeps δ on the rest. Returns one δ per proposal, inside the budget;
+    whether a swap hurts is for an exact forward to say (the game keeps, per sample, the hardest proposal)."""
     zf, cb, g = z.float(), codebook.float(), grad.float()
-    snap = lambda t: (F.normalize(t, dim=-1) @ cb.t()).argmax(-1)  # noqa: E731 - the projection's choice of entry
+
+    def snap(t):  # the entry the projection picks (UMM.project_to_codebook): highest cosine
+        return (F.normalize(t, dim=-1) @ cb.t()).argmax(-1)
     now = snap(zf + delta.float())
     near = (F.normalize(zf, dim=-1) @ cb.t()).scatter(-1, now[..., None], -math.inf)  # cosine to z, e_now left out
     entry = near.topk(min(per_token, cb.shape[0] - 1), dim=-1).indices  # (B, N, T): the entries nearest z, the reachable ones
