@@ -75,7 +75,7 @@ perturber_sees = "token"  # 'token': each token alone (the published perturber) 
 #   gradient at it, one backward), noise (per sample: mining's candidates are fresh draws), context (the grid, the question)
 refine_size = 1.25  # their step, in units of eps (1.25: FGSM from a start in the ball, Wong et al. 2020)
 code_swaps = 0  # adversary='learned' at 'vq': proposals of exact code swaps from the perturber's delta, the j-th moving the top
-#   1/2^j of each image's tokens (by the gradient of its update) onto the entry that gains most; scored by a forward each (0: off)
+#   1/2^(j-1) of each image's tokens (by the gradient of its update) onto the reachable entry that gains most; a forward each (0: off)
 pgd_steps = 3  # adversary='pgd': attack steps of 2.5 * eps_max / pgd_steps from a random start in the ball
 perturb_at = "vq"  # 'vq': codebook-space tokens, projected and decoded | 'aligner': tokens after the aligner
 mine = "decode"  # 'decode': this batch's decoded adversarial images | 'generate': images the model generates
