@@ -1696,19 +1696,26 @@ def test_one_understanding_step_lowers_the_loss_on_hard_samples(tok, train64):
         assert hard_loss() < before.detach() - 1e-3
 
 
-def test_one_free_pgd_step_from_the_perturbers_delta_raises_the_answer_loss_on_the_base(shapes_base):
+def perturbed_on_the_base(umm):
+    """16 test samples of the base at 'vq': the answer loss of a view of tokens, the clean tokens z, an untrained
+    perturber's delta at eps 0.15 (with its graph) and the loss's gradient at it."""
     recs = world("test", 16)
-    px = shapes_base.preprocess([r["image"] for r in recs])
+    px = umm.preprocess([r["image"] for r in recs])
     qs, ans = [r["question"] for r in recs], [r["answers"][0] for r in recs]
     torch.manual_seed(0)
-    p = Perturber(shapes_base.token_dim("vq"), eps_max=0.3, eps_init=0.15)
+    p = Perturber(umm.token_dim("vq"), eps_max=0.3, eps_init=0.15)
 
     def ce(t):
-        return shapes_base.answer_loss(shapes_base.perturbed_view(t, "vq")[0], qs, ans)
+        return umm.answer_loss(umm.perturbed_view(t, "vq")[0], qs, ans)
     with torch.no_grad():
-        z = shapes_base.visual_tokens(px, "vq")
+        z = umm.visual_tokens(px, "vq")
     delta = p(z)
     (g,) = torch.autograd.grad(ce(z + delta).sum(), delta)
+    return ce, z, delta, g
+
+
+def test_one_free_pgd_step_from_the_perturbers_delta_raises_the_answer_loss_on_the_base(shapes_base):
+    ce, z, delta, g = perturbed_on_the_base(shapes_base)
     refined = pgd_refine(ce, z, delta.detach(), 0.15, 1, 1.25 * 0.15, grad=g)
     with torch.no_grad():
         before, after = ce(z + delta).mean().item(), ce(z + refined).mean().item()
@@ -1716,18 +1723,7 @@ def test_one_free_pgd_step_from_the_perturbers_delta_raises_the_answer_loss_on_t
 
 
 def test_code_swaps_from_the_perturbers_gradient_land_on_reachable_entries_and_raise_the_answer_loss_on_the_base(shapes_base):
-    recs = world("test", 16)
-    px = shapes_base.preprocess([r["image"] for r in recs])
-    qs, ans = [r["question"] for r in recs], [r["answers"][0] for r in recs]
-    torch.manual_seed(0)
-    p = Perturber(shapes_base.token_dim("vq"), eps_max=0.3, eps_init=0.15)
-
-    def ce(t):
-        return shapes_base.answer_loss(shapes_base.perturbed_view(t, "vq")[0], qs, ans)
-    with torch.no_grad():
-        z = shapes_base.visual_tokens(px, "vq")
-    delta = p(z)
-    (g,) = torch.autograd.grad(ce(z + delta).sum(), delta)
+    ce, z, delta, g = perturbed_on_the_base(shapes_base)
     delta = delta.detach()
     proposals = swap_proposals(z, delta, g, shapes_base.codebook, 0.15, 3)
     codes = [shapes_base.project_to_codebook(z + d)[1] for d in [delta, *proposals]]
