@@ -529,6 +529,20 @@ class UMM(nn.Module):
             return tokens, None, None
         raise ValueError(f"perturb_at={at!r}: expected 'vq' or 'aligner'")
 
+    def generated_view(self, prompts, at="vq", steer=None, cfg_scale=1.0, temperature=1.0):
+        """Images the generation branch draws of `prompts`, as the understanding branch sees them: (image embeds,
+        pixels, what a hard buffer stores of each). steer(tokens) returns a perturbation: at='vq' it moves each
+        generated token before its code is chosen (the generator steered); at='aligner' it is added to the
+        embeds of the image drawn, and stored beside it."""
+        hook = (lambda v: v + steer(v)) if steer and at == "vq" else None
+        codes = self.generate_images(prompts, cfg_scale, temperature, token_hook=hook)
+        pixels = self.decode_codes(codes).clamp(-1, 1)
+        embeds = self.image_embeds(pixels)
+        if at == "vq":
+            return embeds, pixels, {"codes": codes}
+        delta = steer(embeds) if steer else torch.zeros_like(embeds)
+        return embeds + delta, pixels, {"image": self.to_uint8(pixels), "delta": delta.half()}
+
     def codes_changed(self, tokens, codes):
         """Per sample, the share of image tokens whose codebook entry `codes` (of a perturbed view) differs from
         that of the clean codebook-space tokens: how much of a perturbation survives the projection."""

@@ -792,6 +792,19 @@ def test_generation_with_guidance_returns_valid_codes(umm):
                            umm.generate_images(["a red circle"], cfg_scale=5.0, temperature=0.0))
 
 
+def test_generated_view_steers_the_drawn_tokens_at_vq_and_stores_the_delta_at_the_aligner(umm):
+    prompts = ["a red circle", "a blue square"]
+    target = umm.codebook[7]
+    embeds, pixels, store = umm.generated_view(prompts, "vq", steer=lambda v: target - v, temperature=0.0)
+    assert (store["codes"] == 7).all()  # the steer moved every drawn token onto entry 7
+    assert torch.allclose(embeds, umm.image_embeds(umm.decode_codes(store["codes"]).clamp(-1, 1)))
+    step = lambda e: torch.full_like(e, 0.01)
+    embeds, pixels, store = umm.generated_view(prompts, "aligner", steer=step, temperature=0.0)
+    clean = umm.image_embeds(pixels)
+    assert torch.allclose(embeds - clean, torch.full_like(clean, 0.01), atol=1e-5) and store["delta"].dtype == torch.float16
+    assert torch.equal(store["image"], umm.to_uint8(pixels))
+
+
 def test_static_and_dynamic_kv_cache_generate_the_same_codes(tok):
     m = tiny(tok, seed=5)
     caps = ["a red circle on the left", "two shapes: a blue square and a green triangle", "a yellow triangle"]

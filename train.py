@@ -415,15 +415,7 @@ while iter_num < max_iters:
                 else:  # 'generate': the generation branch draws images of the text, the perturber steering each token
                     prompts = [c or q for c, q in zip(captions, questions)]
                     for k in range(cand_k):
-                        hook = (lambda v: v + draw_delta(v)) if perturb_at == "vq" else None  # steer each generated token
-                        codes = umm.generate_images(prompts, gen_cfg, gen_temperature, token_hook=hook)
-                        px = umm.decode_codes(codes).clamp(-1, 1)
-                        e = umm.image_embeds(px)
-                        if perturb_at == "vq":
-                            store = {"codes": codes}
-                        else:
-                            d = draw_delta(e)
-                            e, store = e + d, {"image": umm.to_uint8(px), "delta": d.half()}
+                        e, px, store = umm.generated_view(prompts, perturb_at, draw_delta, gen_cfg, gen_temperature)
                         cands.append((e, px, umm.answer_loss(e, questions, answers), store))
                 ce = torch.cat([c[2] for c in cands]).float()
                 if clip_score:  # consistency of each candidate image with its text
